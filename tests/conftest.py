@@ -1,0 +1,90 @@
+"""Shared fixtures: render the template with copier's Python API, and the render matrix.
+
+The matrix is generated from the model catalog (includes/models.yml) x platform x mode, in the
+style of cookiecutter-data-science's config generator; combinations the template refuses are
+dropped here explicitly (and tests/test_questions.py checks that copier refuses them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CATALOG: list[dict] = yaml.safe_load((REPO / "includes" / "models.yml").read_text("utf-8"))
+PLATFORMS = ["cuda", "windows-gpu", "cpu"]
+MODES = ["local", "remote", "both"]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def model_info(model_id: str) -> dict:
+    return next(m for m in CATALOG if m["id"] == model_id)
+
+
+def is_valid(model_id: str, platform: str, mode: str) -> bool:
+    """The combinations the template accepts: a model only on the platforms it is sensible on."""
+    return platform in model_info(model_id)["platforms"]
+
+
+def render_matrix() -> list[tuple[str, str, str]]:
+    combos = itertools.product([m["id"] for m in CATALOG], PLATFORMS, MODES)
+    return [c for c in combos if is_valid(*c)]
+
+
+def invalid_combinations() -> list[tuple[str, str, str]]:
+    combos = itertools.product([m["id"] for m in CATALOG], PLATFORMS, ["local"])
+    return [c for c in combos if not is_valid(*c)]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolate_copier_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The user's own copier settings (defaults, trusted templates) must not leak into tests.
+    os.environ["COPIER_SETTINGS_PATH"] = str(tmp_path_factory.mktemp("copier-settings") / "none.yml")
+    os.environ.setdefault("GIT_AUTHOR_NAME", "test")
+    os.environ.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
+    os.environ.setdefault("GIT_COMMITTER_NAME", "test")
+    os.environ.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
+
+
+@pytest.fixture(scope="session")
+def template_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain-directory copy of the template (no .git), so copier renders the working tree
+    as it is, quickly, without cloning."""
+    dst = tmp_path_factory.mktemp("template-src")
+    for name in ("copier.yml", "template", "includes", "hooks"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def render(src: Path, dst: Path, **data: object) -> Path:
+    from copier import run_copy
+
+    run_copy(str(src), str(dst), data=data, defaults=True, unsafe=False, quiet=True, vcs_ref=None)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def render_factory(template_src: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Render once per distinct set of answers for the whole session."""
+    cache: dict[tuple, Path] = {}
+
+    def _render(**data: object) -> Path:
+        key = tuple(sorted((k, repr(v)) for k, v in data.items()))
+        if key not in cache:
+            cache[key] = render(template_src, tmp_path_factory.mktemp("ws"), **data)
+        return cache[key]
+
+    return _render
+
+
+PYTHON = sys.executable
