@@ -1,0 +1,203 @@
+"""The dataset and the one prompt format, shared by fine-tuning (through Olive) and inference.
+
+Rows become chat messages: for a column dataset, the system message from settings.toml, a
+user turn (the input columns put into `[prompt] text_template`) and an assistant turn (the
+target column); a chat dataset brings its own messages. Both are turned into tokens by the
+model's own chat template, so training and chat can never disagree on the prompt.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import tomllib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+IGNORE_INDEX = -100  # label value the loss skips
+ROLES = {"system", "user", "assistant"}
+
+
+class DatasetError(Exception):
+    """A problem with the dataset, explained in one line."""
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DatasetError(f"{path}: line {line}: not UTF-8 text (byte {raw[err.start]:#x})") from None
+    if not text.strip():
+        raise DatasetError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    else:  # JSON lines (.jsonl, or .json with one object per line as the peer writes it)
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{path}: line {number}: invalid JSON ({err.msg})") from None
+            if not isinstance(rows[-1], dict):
+                raise DatasetError(f"{path}: line {number}: expected a JSON object")
+    if not all(isinstance(r, dict) for r in rows):
+        raise DatasetError(f"{path}: expected a list of JSON objects")
+    return rows
+
+
+def load_rows(settings: dict[str, Any] = SETTINGS) -> list[dict[str, Any]]:
+    """Read the dataset named in settings.toml, as a list of dicts."""
+    ds = settings["dataset"]
+    if ds["source"] == "huggingface":
+        from datasets import load_dataset
+
+        try:
+            return list(load_dataset(ds["hf_id"], split=ds["split"]))
+        except Exception as err:  # the datasets library raises many types; one line is enough
+            raise DatasetError(f"cannot load Hugging Face dataset {ds['hf_id']!r}: {err}") from None
+    path = Path(ds["path"])
+    return _read_local(path if path.is_absolute() else ROOT / path)
+
+
+def to_messages(row: dict[str, Any], settings: dict[str, Any] = SETTINGS) -> list[dict[str, str]]:
+    """One row as chat messages, in the workspace's one prompt format."""
+    ds, prompt = settings["dataset"], settings["prompt"]
+    if ds["format"] == "chat":
+        messages = list(row[ds["messages_column"]])
+        if prompt["system"] and messages and messages[0].get("role") != "system":
+            messages.insert(0, {"role": "system", "content": prompt["system"]})
+        return messages
+    user = prompt["text_template"]
+    for column in ds["input_columns"]:
+        user = user.replace("{" + column + "}", str(row[column]))
+    return system_messages(settings) + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": str(row[ds["target_column"]])},
+    ]
+
+
+def system_messages(settings: dict[str, Any] = SETTINGS) -> list[dict[str, str]]:
+    system = settings["prompt"]["system"]
+    return [{"role": "system", "content": system}] if system else []
+
+
+def user_message(text: str, settings: dict[str, Any] = SETTINGS) -> str:
+    """What a chat user types, put into the training template (which has one input column)."""
+    columns = settings["dataset"]["input_columns"]
+    if settings["dataset"]["format"] == "chat" or len(columns) != 1:
+        return text
+    return settings["prompt"]["text_template"].replace("{" + columns[0] + "}", text)
+
+
+def check_rows(rows: list[dict[str, Any]], settings: dict[str, Any] = SETTINGS) -> None:
+    """Refuse, in one line, a dataset that cannot be trained on."""
+    ds = settings["dataset"]
+    if not rows:
+        raise DatasetError("the dataset has no rows")
+    needed = [ds["messages_column"]] if ds["format"] == "chat" else [*ds["input_columns"], ds["target_column"]]
+    for number, row in enumerate(rows, start=1):
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise DatasetError(f"row {number}: missing column {missing[0]!r} (columns: {', '.join(row)})")
+        if ds["format"] == "chat":
+            messages = row[ds["messages_column"]]
+            if not isinstance(messages, list) or not messages:
+                raise DatasetError(f"row {number}: {ds['messages_column']!r} must be a non-empty list of messages")
+            for m in messages:
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise DatasetError(f"row {number}: each message needs a role in {sorted(ROLES)} and a text content")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise DatasetError(f"row {number}: no assistant message to learn from")
+        elif any(row[c] is None or str(row[c]).strip() == "" for c in needed):
+            raise DatasetError(f"row {number}: empty value in one of the columns {needed}")
+
+
+def split_rows(
+    rows: list[dict[str, Any]], eval_split: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A seeded, reproducible train/eval split."""
+    n_eval = round(len(rows) * eval_split)
+    if eval_split > 0 and (n_eval < 1 or len(rows) - n_eval < 1):
+        raise DatasetError(
+            f"{len(rows)} rows are too few for eval_split {eval_split}: need at least one row in each split"
+        )
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int) -> dict[str, list[int]]:
+    """Tokens of a conversation with labels on the assistant turns only (loss only there).
+
+    Each assistant turn is found as the tokens between the conversation up to it (with the
+    generation prompt) and the conversation including it, so this works for any chat template.
+    """
+
+    def ids(msgs: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    full = ids(messages, False)
+    labels = [IGNORE_INDEX] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _common_prefix(ids(messages[:i], True), full)
+        end = _common_prefix(ids(messages[: i + 1], False), full)
+        labels[start:end] = full[start:end]
+    full, labels = full[:max_seq_len], labels[:max_seq_len]
+    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+
+
+def tokenize(
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    max_seq_len: int,
+    pad_to_max_len: bool = False,
+    packing: str = "none",
+    settings: dict[str, Any] = SETTINGS,
+) -> list[dict[str, list[int]]]:
+    examples = [encode(tokenizer, to_messages(row, settings), max_seq_len) for row in rows]
+    # An example whose answer was cut off entirely by max_seq_len teaches nothing.
+    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
+    if not examples:
+        raise DatasetError(f"no example keeps any answer tokens within max_seq_len {max_seq_len}")
+    if packing == "packed":
+        packed: list[dict[str, list[int]]] = []
+        for e in examples:
+            if packed and len(packed[-1]["input_ids"]) + len(e["input_ids"]) <= max_seq_len:
+                for key in e:
+                    packed[-1][key] = packed[-1][key] + e[key]
+            else:
+                packed.append(dict(e))
+        examples = packed
+    if pad_to_max_len:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for e in examples:
+            missing = max_seq_len - len(e["input_ids"])
+            e["input_ids"] = e["input_ids"] + [pad_id] * missing
+            e["attention_mask"] = e["attention_mask"] + [0] * missing
+            e["labels"] = e["labels"] + [IGNORE_INDEX] * missing
+    return examples

@@ -1,0 +1,185 @@
+"""Fine-tune the base model with Olive's (Q)LoRA pass and write the adapter.
+
+    python finetuning/invoke_olive.py            # uses finetuning/olive-config.json
+    python finetuning/invoke_olive.py --cpu-lora # a QLoRA workspace on a machine without CUDA
+
+Paths, dataset and prompt format come from settings.toml; hyperparameters from the Olive
+config. A run that is interrupted resumes from its last checkpoint when started again; a run
+whose data, prompt or config changed starts afresh (its checkpoints and Olive cache are keyed
+by a fingerprint of all of those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+sys.path.insert(0, str(ROOT / "finetuning"))
+
+from data import DatasetError, check_rows, load_rows, split_rows  # noqa: E402
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def to_cpu_lora(passes: dict[str, Any]) -> None:
+    """Turn the QLoRA pass into plain LoRA in float32, which runs without CUDA."""
+    for config in passes.values():
+        if config["type"] == "QLoRA":
+            config["type"] = "LoRA"
+            for key in ("compute_dtype", "quant_type", "double_quant"):
+                config.pop(key, None)
+        config["torch_dtype"] = "float32"
+
+
+def preflight_qlora() -> None:
+    """QLoRA loads the base model in 4-bit with bitsandbytes, which needs an NVIDIA GPU."""
+    fix = "or fine-tune with plain LoRA instead: python finetuning/invoke_olive.py --cpu-lora"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        fail(f"QLoRA needs bitsandbytes: pip install bitsandbytes (setup/requirements-cuda.txt has it), {fix}")
+    import torch
+
+    if not torch.cuda.is_available():
+        fail(f"QLoRA needs a CUDA GPU and torch sees none (torch {torch.__version__}), {fix}")
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """What decides the result: config, dataset bytes, prompt settings, our code, base model."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(json.dumps([SETTINGS["dataset"], SETTINGS["prompt"]], sort_keys=True).encode())
+    dataset = Path(SETTINGS["dataset"]["path"])
+    dataset = dataset if dataset.is_absolute() else ROOT / dataset
+    if SETTINGS["dataset"]["source"] != "huggingface":
+        digest.update(dataset.read_bytes())
+    for name in ("data.py", "user_script.py"):
+        digest.update((ROOT / "finetuning" / name).read_bytes())
+    digest.update((ROOT / SETTINGS["model"]["path"] / "config.json").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def plot_loss(log_history: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".", label=label)
+    ax.set(xlabel="step", ylabel="loss", title="Fine-tuning loss")
+    ax.legend()
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / SETTINGS["finetuning"]["olive_config"])
+    parser.add_argument("--cpu-lora", action="store_true", help="run a QLoRA config as LoRA in float32")
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints and start over")
+    args = parser.parse_args()
+
+    # 1. Check everything cheap before loading anything heavy or writing anything.
+    try:
+        config = json.loads(args.config.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        fail(f"cannot read the Olive config {args.config}: {err}")
+    finetune = config["passes"]
+    try:
+        rows = load_rows()
+        check_rows(rows)
+        split_rows(rows, _eval_split(config), _seed(config))
+    except DatasetError as err:
+        fail(str(err), code=2)
+    model_path = ROOT / SETTINGS["model"]["path"]
+    if not (model_path / "config.json").is_file():
+        fail(f"base model not found in {model_path}: run `python setup/download_model.py` first")
+    if args.cpu_lora:
+        to_cpu_lora(finetune)
+        config["systems"]["local_system"]["accelerators"] = [
+            {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}
+        ]
+    if any(p["type"] == "QLoRA" for p in finetune.values()):
+        preflight_qlora()
+
+    # 2. Fill in the paths from settings.toml; key checkpoints and cache by the fingerprint.
+    fp = fingerprint(config)
+    out = SETTINGS["finetuning"]
+    checkpoints = ROOT / out["checkpoint_dir"] / fp
+    staging = ROOT / out["output_dir"] / f".run-{fp}"
+    config["input_model"]["model_path"] = str(model_path)
+    for data_config in config["data_configs"]:
+        data_config["user_script"] = str(ROOT / data_config["user_script"])
+        data_config["script_dir"] = str(ROOT / data_config["script_dir"])
+    for pass_config in finetune.values():
+        pass_config["training_args"]["output_dir"] = str(checkpoints)
+    config["cache_dir"] = str(ROOT / out["cache_dir"] / fp)
+    config["output_dir"] = str(staging)
+    if args.fresh:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(config["cache_dir"], ignore_errors=True)
+
+    os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last:
+        print(f"Resuming from {Path(last).name} in {checkpoints.relative_to(ROOT)}", flush=True)
+    else:
+        print(f"Fine-tuning {SETTINGS['model']['id']} on {len(rows)} rows (run {fp})", flush=True)
+
+    # 3. Train. Olive prints progress and the loss as it goes.
+    from olive.workflows import run as olive_run
+
+    try:
+        olive_run(config)
+    except KeyboardInterrupt:
+        fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
+
+    # 4. Publish the adapter atomically: a half-written adapter never looks finished.
+    found = sorted(staging.rglob("adapter_config.json"))
+    if not found:
+        fail(f"Olive finished but wrote no adapter under {staging}; see the log above")
+    adapter = ROOT / SETTINGS["inference"]["adapter_path"]
+    tmp = adapter.with_name(adapter.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(found[-1].parent, tmp)
+    last = get_last_checkpoint(str(checkpoints))
+    log_history: list[dict[str, Any]] = []
+    if last:
+        log_history = json.loads((Path(last) / "trainer_state.json").read_text("utf-8"))["log_history"]
+        (tmp / "log_history.json").write_text(json.dumps(log_history, indent=1), "utf-8")
+        plot_loss(log_history, tmp / "loss.png")
+    shutil.rmtree(adapter, ignore_errors=True)
+    os.replace(tmp, adapter)
+    shutil.rmtree(staging, ignore_errors=True)
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    summary = f"; train loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
+    print(f"Adapter written to {adapter.relative_to(ROOT)}{summary}")
+
+
+def _eval_split(config: dict[str, Any]) -> float:
+    params = config["data_configs"][0]["load_dataset_config"]["params"]
+    return float(params["eval_split"])
+
+
+def _seed(config: dict[str, Any]) -> int:
+    return int(config["data_configs"][0]["load_dataset_config"]["params"]["data_seed"])
+
+
+if __name__ == "__main__":
+    main()
