@@ -88,3 +88,36 @@ def render_factory(template_src: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 PYTHON = sys.executable
+
+
+def run_py(ws: Path, *args: str, timeout: float = 600, **kw) -> "subprocess.CompletedProcess[str]":
+    """Run a workspace script with the test environment's Python."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OLIVE_DISABLE_TELEMETRY": "1"}
+    env.update(kw.pop("env", {}))
+    return subprocess.run(
+        [PYTHON, *args], cwd=ws, capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
+
+
+@pytest.fixture(scope="session")
+def tuned_workspace(render_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-random CPU workspace, with its model built and fine-tuned once per pytest run."""
+    src = render_factory(model="tiny-random", platform="cpu", mode="local")
+    ws = tmp_path_factory.mktemp("tuned") / "ws"
+    shutil.copytree(src, ws)
+    build = run_py(ws, "setup/download_model.py")
+    assert build.returncode == 0, build.stderr[-3000:]
+    tune = run_py(ws, "finetuning/invoke_olive.py")
+    assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
+    assert (ws / "models" / "lora" / "adapter" / "adapter_config.json").is_file()
+    (ws / "finetune.log").write_text(tune.stdout + tune.stderr, "utf-8")
+    return ws
+
+
+def sample_rows() -> list[dict]:
+    import json
+
+    path = REPO / "template" / "dataset" / "{% if dataset_source == 'sample' %}sample.jsonl{% endif %}"
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]

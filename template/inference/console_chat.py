@@ -1,0 +1,81 @@
+"""Chat with the fine-tuned model in the terminal.
+
+    python inference/console_chat.py                      # multi-turn chat; #end, Ctrl-D or Ctrl-C quits
+    python inference/console_chat.py --prompt "I won!"    # one answer to stdout, for scripts
+    python inference/console_chat.py --baseonly           # the base model, without the adapter
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+
+
+def main() -> None:
+    defaults = SETTINGS["inference"]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseonly", action="store_true", help="chat with the base model, no adapter")
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--system", help="system message (default: the one the model was fine-tuned with)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
+    parser.add_argument("--temperature", type=float, default=defaults["temperature"])
+    parser.add_argument("--top-p", type=float, default=defaults["top_p"])
+    parser.add_argument("--top-k", type=int, default=defaults["top_k"])
+    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults.get("backend", "torch"))
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT / "inference"))
+    from engine import Engine, EngineError, conversation
+
+    try:
+        if args.backend == "onnx":
+            from onnx_backend import OnnxEngine
+
+            engine = OnnxEngine(baseonly=args.baseonly)
+        else:
+            engine = Engine(baseonly=args.baseonly)
+    except EngineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+    }
+
+    if args.prompt is not None:
+        for piece in engine.stream(conversation([], args.prompt, args.system), **options):
+            print(piece, end="", flush=True)
+        print()
+        return
+
+    print(f"Chatting with {engine.model_name}. Type #end (or Ctrl-D) to quit.")
+    history: list[dict[str, str]] = []
+    try:
+        while True:
+            text = input("\nYou: ").strip()
+            if text == "#end":
+                break
+            if not text:
+                continue
+            messages = conversation(history, text, args.system)
+            print("Model: ", end="", flush=True)
+            answer = ""
+            for piece in engine.stream(messages, **options):
+                answer += piece
+                print(piece, end="", flush=True)
+            print()
+            history += [messages[-1], {"role": "assistant", "content": answer}]
+    except (EOFError, KeyboardInterrupt):
+        pass
+    print("\nBye.")
+
+
+if __name__ == "__main__":
+    main()
