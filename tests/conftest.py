@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def invalid_combinations() -> list[tuple[str, str, str]]:
 @pytest.fixture(autouse=True, scope="session")
 def _isolate_copier_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
     # The user's own copier settings (defaults, trusted templates) must not leak into tests.
-    os.environ["COPIER_SETTINGS_PATH"] = str(tmp_path_factory.mktemp("copier-settings") / "none.yml")
+    settings = tmp_path_factory.mktemp("copier-settings") / "settings.yml"
+    settings.write_text("{}\n", "utf-8")
+    os.environ["COPIER_SETTINGS_PATH"] = str(settings)
     os.environ.setdefault("GIT_AUTHOR_NAME", "test")
     os.environ.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
     os.environ.setdefault("GIT_COMMITTER_NAME", "test")
@@ -60,7 +63,9 @@ def template_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("copier.yml", "template", "includes", "hooks"):
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".ruff_cache", ".pytest_cache")
+            )
         elif src.exists():
             shutil.copy2(src, dst / name)
     return dst
@@ -90,15 +95,12 @@ def render_factory(template_src: Path, tmp_path_factory: pytest.TempPathFactory)
 PYTHON = sys.executable
 
 
-def run_py(ws: Path, *args: str, timeout: float = 600, **kw) -> "subprocess.CompletedProcess[str]":
+def run_py(ws: Path, *args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess[str]:
     """Run a workspace script with the test environment's Python."""
-    import subprocess
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OLIVE_DISABLE_TELEMETRY": "1"}
     env.update(kw.pop("env", {}))
-    return subprocess.run(
-        [PYTHON, *args], cwd=ws, capture_output=True, text=True, timeout=timeout, env=env, **kw
-    )
+    return subprocess.run([PYTHON, *args], cwd=ws, capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ def chat(question: str, chat_history: list | None = None) -> str:
     for turn in chat_history or []:
         if "role" in turn:
             history.append({"role": turn["role"], "content": turn["content"]})
-        else:  # promptflow chat history: {"inputs": {...}, "outputs": {...}}
+        else:  # promptflow chat history: turns with "inputs" and "outputs" dicts
             history.append({"role": "user", "content": turn["inputs"]["question"]})
             history.append({"role": "assistant", "content": turn["outputs"]["answer"]})
     return _engine().reply(conversation(history, question))

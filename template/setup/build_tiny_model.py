@@ -17,14 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
 
-# Phi-3's chat format: <|role|>\ncontent<|end|>\n ... and <|endoftext|> after the last turn.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
+# Phi-3's chat format, kept in its own file because it is Jinja, not Python.
+CHAT_TEMPLATE = (ROOT / "setup" / "chat_template.jinja").read_text("utf-8").rstrip("\n")
 
 
 def corpus_texts() -> list[str]:

@@ -1,0 +1,243 @@
+"""Export the fine-tuned model for ONNX Runtime GenAI (CPU, CUDA or DirectML).
+
+    python inference/export_onnx.py                     # int4 (the default)
+    python inference/export_onnx.py --precision fp32    # or fp16
+    python inference/export_onnx.py --skip-merged       # only the base model + adapter file
+
+Writes, under models/onnx/<precision>/:
+
+    model.onnx, model.onnx.data, genai_config.json, tokenizer files
+        the base model, with the LoRA weights as (optional) inputs of the graph;
+    adapter.onnx_adapter
+        the fine-tuned LoRA weights, loaded at run time with og.Adapters (without it the same
+        model answers as the base model, so one export serves both);
+    merged/
+        the adapter merged into the weights (peft merge_and_unload), then built: a plain
+        model for tools that know nothing of adapters.
+
+Chat with it: python inference/console_chat.py --backend onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+ONNX = SETTINGS.get("onnx", {})
+
+PRECISIONS = ["int4", "fp16", "fp32"]
+# settings.toml's platform -> onnxruntime-genai execution provider.
+PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "windows-gpu": "dml"}
+ADAPTER_FILE = "adapter.onnx_adapter"
+ADAPTER_NAME = "finetuned"
+# The model builder names the two LoRA MatMuls of a projection <projection>/lora_A/MatMul and
+# <projection>/lora_B/MatMul; it splits packed projections (qkv_proj, gate_up_proj) first.
+LORA_NODE = re.compile(r"/lora_[AB]/MatMul$")
+LORA_RANK = "lora_r"  # symbolic dimension: adapters of any rank fit the same model
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def lora_node_names(num_layers: int) -> list[str]:
+    """The builder's names for the LoRA MatMuls (decoder models of the catalog), so the int4
+    quantizer leaves them in float: the adapter file then holds plain float weights."""
+    projections = [f"attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    projections += [f"mlp/{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    return [
+        f"/model/layers.{i}/{p}/lora_{ab}/MatMul" for i in range(num_layers) for p in projections for ab in "AB"
+    ]
+
+
+def build(model_dir: Path, out: Path, precision: str, provider: str, cache: Path, adapter: Path | None) -> None:
+    """Run onnxruntime-genai's model builder on a Hugging Face model folder.
+
+    We call the builder directly rather than through Olive's ModelBuilder pass: Olive 0.13's
+    pass imports onnxruntime_genai.models.quantized_model, a module onnxruntime-genai 0.15
+    removed, so the pass fails before building anything.
+    """
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    options = [f"adapter_path={adapter}"] if adapter else []
+    if adapter and precision == "int4":
+        config = json.loads((model_dir / "config.json").read_text("utf-8"))
+        options.append("nodes_to_exclude=" + ",".join(lora_node_names(int(config["num_hidden_layers"]))))
+    extra = parse_extra_options(None, str(model_dir), str(out), precision, provider, str(cache), options)
+    config = extra["hf_details"]["hf_config"]
+    # Phi-3 configs carry original_max_position_embeddings (4096 by default) even without
+    # LongRoPE; the builder takes any difference from max_position_embeddings as LongRoPE and
+    # then fails for lack of its factors. Without rope scaling the value means nothing: align it.
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if hasattr(config, "original_max_position_embeddings") and "long_factor" not in scaling:
+        config.original_max_position_embeddings = config.max_position_embeddings
+    with lm_head_by_identity():
+        create_model(None, str(model_dir), str(out), precision, provider, str(cache), **extra)
+
+
+@contextlib.contextmanager
+def lm_head_by_identity() -> Iterator[None]:
+    """The builder takes every Linear layer with vocab_size outputs for the LM head. Where
+    another layer happens to have that width (tiny-random: gate_up_proj is 2 x 512 = 1024 =
+    its vocabulary), it emits a second head mid-network and the logits come out wrong. While
+    building, accept only the model's own output embedding as the head."""
+    from onnxruntime_genai.models.builders.base import Model
+
+    original = Model.has_lm_head
+
+    def has_lm_head(self: Any, module: Any) -> bool:
+        if not original(self, module):
+            return False
+        get_head = getattr(self.weights, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        return head is None or module is head
+
+    Model.has_lm_head = has_lm_head
+    try:
+        yield
+    finally:
+        Model.has_lm_head = original
+
+
+def extract_adapter(src: Path, dst: Path) -> int:
+    """Turn the LoRA weights the builder baked into src/model.onnx into graph inputs and save
+    them to dst/adapter.onnx_adapter. Returns the number of adapter tensors.
+
+    Each input keeps a default: an empty tensor (rank 0), which adds nothing, so the model
+    without an adapter is the base model. Our own code rather than Olive's ExtractAdapters
+    pass: that pass lists the adapter inputs twice in the graph, which onnx.checker rejects,
+    and `olive convert-adapters` names the weights differently from the builder's graph.
+    """
+    import numpy as np
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    model = ir.load(src / "model.onnx")
+    weights: dict[str, np.ndarray] = {}
+    quantized = []
+    for node in model.graph:
+        if not LORA_NODE.search(node.name or ""):
+            continue
+        if node.op_type != "MatMul":
+            quantized.append(node.name)
+            continue
+        value = node.inputs[1]
+        if value is None or value.const_value is None or value.name in weights:
+            continue
+        array = value.const_value.numpy()
+        weights[value.name] = np.ascontiguousarray(array)
+        # lora_A is [in, r], lora_B is [r, out]: r becomes a symbolic dimension.
+        is_a = "/lora_A/" in node.name
+        dims = [array.shape[0], LORA_RANK] if is_a else [LORA_RANK, array.shape[1]]
+        empty = np.zeros((array.shape[0], 0) if is_a else (0, array.shape[1]), dtype=array.dtype)
+        value.const_value = ir.tensor(empty, name=value.name)
+        value.shape = ir.Shape(dims)
+        model.graph.inputs.append(value)
+    if quantized:
+        fail(f"the builder quantized the LoRA MatMuls ({quantized[0]}, ...); export with --precision fp16 or fp32")
+    if not weights:
+        fail(f"no LoRA weights found in {src / 'model.onnx'}: the builder ignored the adapter")
+    dst.mkdir(parents=True, exist_ok=True)
+    ir.save(model, dst / "model.onnx", external_data="model.onnx.data")
+
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in weights.items()})
+    adapter.export_adapter(str(dst / ADAPTER_FILE))
+    return len(weights)
+
+
+def merge(base: Path, adapter: Path, out: Path) -> None:
+    """The base model with the adapter merged into its weights, as a Hugging Face folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    for name in ("chat_template.jinja",):
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", choices=PRECISIONS, default=ONNX.get("precision", "int4"))
+    parser.add_argument(
+        "--execution-provider",
+        choices=sorted(set(PROVIDERS.values())),
+        default=ONNX.get("execution_provider") or PROVIDERS.get(SETTINGS["model"]["platform"], "cpu"),
+        help="where the model will run (default: from the workspace platform)",
+    )
+    parser.add_argument("--skip-merged", action="store_true", help="do not build the merged model")
+    args = parser.parse_args()
+
+    base = ROOT / SETTINGS["model"]["path"]
+    adapter = ROOT / SETTINGS["inference"]["adapter_path"]
+    if not (base / "config.json").is_file():
+        fail(f"base model not found in {base}: run `python setup/download_model.py` first")
+    if not (adapter / "adapter_config.json").is_file():
+        fail(f"adapter not found in {adapter}: run `python finetuning/invoke_olive.py` first")
+    out_root = ROOT / ONNX.get("output_dir", "models/onnx")
+    out = out_root / args.precision
+    staging = out_root / f".staging-{args.precision}"
+    shutil.rmtree(staging, ignore_errors=True)
+    raw, cache = staging / "raw", staging / "cache"
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the Hub
+    if SETTINGS["model"]["id"] == "tiny-random":
+        import torch
+
+        torch.set_num_threads(1)
+    print(f"Building {SETTINGS['model']['id']} + adapter, {args.precision}, for {args.execution_provider}", flush=True)
+    try:
+        build(base, raw, args.precision, args.execution_provider, cache, adapter)
+        count = extract_adapter(raw, staging / "model")
+        for item in raw.iterdir():  # genai_config.json, tokenizer and chat template files
+            if item.name not in ("model.onnx", "model.onnx.data"):
+                shutil.copy2(item, staging / "model" / item.name)
+        shutil.rmtree(raw)
+        if not args.skip_merged:
+            print("Building the merged model (adapter merged into the weights)", flush=True)
+            merge(base, adapter, staging / "hf-merged")
+            build(staging / "hf-merged", staging / "model" / "merged", args.precision, args.execution_provider, cache, None)
+    except KeyboardInterrupt:
+        shutil.rmtree(staging, ignore_errors=True)
+        fail("interrupted: nothing was written", code=130)
+    except Exception as err:  # the builder raises many kinds; keep its traceback out of the way
+        shutil.rmtree(staging, ignore_errors=True)
+        fail(f"the ONNX export failed: {type(err).__name__}: {err}")
+    info: dict[str, Any] = {
+        "model": SETTINGS["model"]["id"],
+        "precision": args.precision,
+        "execution_provider": args.execution_provider,
+        "adapter_file": ADAPTER_FILE,
+        "adapter_name": ADAPTER_NAME,
+        "adapter_tensors": count,
+        "merged": not args.skip_merged,
+    }
+    (staging / "model" / "export.json").write_text(json.dumps(info, indent=2), "utf-8")
+    # Publish atomically: a half-written export never looks finished.
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging / "model", out)
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"Exported to {out.relative_to(ROOT)} ({count} adapter tensors in {ADAPTER_FILE})")
+
+
+if __name__ == "__main__":
+    main()
