@@ -239,9 +239,10 @@ def test_external_ingress_requires_an_api_key(ws: Path) -> None:
             assert key_env, f"{path.name}: a public app must get its API key"
             ref = key_env[0].get("secretRef")
             assert ref in secrets, f"{path.name}: the API key must come from a secret, by secretRef"
-            assert is_secure(params[secrets[ref]]), "the API key secret must come from a @secure() parameter"
-            assert params[secrets[ref]].get("default") is None, "the API key must have no default"
-            assert decorator(params[secrets[ref]], "min_length") >= 16
+            key = secrets[ref]
+            assert key in params and is_secure(params[key]), "the API key secret must come from a @secure() param"
+            assert params[key].get("default") is None, "the API key must have no default"
+            assert decorator(params[key], "min_length") >= 16
             assert params["apiKeyEnvName"]["default"] == settings["inference"]["api_key_env"]
     assert apps == 1
 
@@ -343,6 +344,20 @@ def test_secret_names_match_between_bicep_and_tool(ws: Path) -> None:
     assert f'API_KEY_SECRET = "{resolve(inf, "apiKeySecretName")}"' in tool
     (job,) = [r for r in ft["resources"].values() if r["type"] == "Microsoft.App/jobs"]
     assert f'JOB_CONTAINER = "{job["config"]["properties"]["template"]["containers"][0]["name"]}"' in tool
+
+
+def test_serve_sh_matches_the_server(render_factory) -> None:
+    """infra/serve.sh starts the web server on all interfaces; the server must take those options
+    and read its API key from the variable settings.toml names."""
+    ws = render_factory(model="tiny-random", platform="cpu", mode="remote")
+    serve = (ws / "infra" / "serve.sh").read_text("utf-8")
+    server = re.search(r'exec "\$PYTHON" (\S+)', serve).group(1)
+    if not (ws / server).is_file():
+        pytest.skip(f"{server} is not in the template yet")
+    source = (ws / server).read_text("utf-8")
+    for option in ("--host", "--port"):
+        assert f'"{option}"' in source, f"{server} does not take {option}, which infra/serve.sh passes"
+    assert "api_key_env" in source, f"{server} must enforce the API key named in settings.toml"
 
 
 @pytest.mark.slow
