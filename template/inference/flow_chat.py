@@ -35,4 +35,8 @@ def chat(question: str, chat_history: list | None = None) -> str:
 
 
 if __name__ == "__main__":
-    print(chat(" ".join(sys.argv[1:]) or "We finally got the keys to our first home!"))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the prompt flow's node once, without promptflow.")
+    parser.add_argument("question", nargs="?", default="We finally got the keys to our first home!")
+    print(chat(parser.parse_args().question))
