@@ -1,8 +1,8 @@
 """Chat with the fine-tuned model in the terminal.
 
-    python inference/console_chat.py                      # multi-turn chat; #end, Ctrl-D or Ctrl-C quits
-    python inference/console_chat.py --prompt "I won!"    # one answer to stdout, for scripts
-    python inference/console_chat.py --baseonly           # the base model, without the adapter
+python inference/console_chat.py                      # multi-turn chat; #end, Ctrl-D or Ctrl-C quits
+python inference/console_chat.py --prompt "I won!"    # one answer to stdout, for scripts
+python inference/console_chat.py --baseonly           # the base model, without the adapter
 """
 
 from __future__ import annotations

@@ -65,9 +65,7 @@ def az_path() -> str:
     # The full path also finds az.cmd on Windows, which subprocess would not look for.
     path = shutil.which("az")
     if path is None:
-        raise Failure(
-            "the Azure CLI (az) is not installed or not on PATH: see https://aka.ms/installazurecli"
-        )
+        raise Failure("the Azure CLI (az) is not installed or not on PATH: see https://aka.ms/installazurecli")
     return path
 
 
@@ -123,9 +121,7 @@ def preflight_login() -> dict[str, Any]:
     try:
         return az("account show")
     except Failure:
-        raise Failure(
-            "not logged in to Azure: run `az login`, then `az account set --subscription ...`"
-        ) from None
+        raise Failure("not logged in to Azure: run `az login`, then `az account set --subscription ...`") from None
 
 
 def preflight_region(profile: str) -> None:
@@ -157,9 +153,7 @@ def parameters(kind: str) -> dict[str, Any]:
 def load_config(kind: str) -> dict[str, str]:
     path = INFRA / f"{kind}.config.json"
     if not path.is_file():
-        raise Failure(
-            f"infra/{kind}.config.json not found: run `python infra/remote.py provision-{kind}` first"
-        )
+        raise Failure(f"infra/{kind}.config.json not found: run `python infra/remote.py provision-{kind}` first")
     return json.loads(path.read_text("utf-8"))
 
 
@@ -252,9 +246,7 @@ def read_token() -> str:
     if not token and sys.stdin.isatty():
         token = getpass.getpass("Hugging Face token (input hidden): ")
     if not token.strip():
-        raise Failure(
-            "no Hugging Face token: set HF_TOKEN in the environment, or run in a terminal to be asked"
-        )
+        raise Failure("no Hugging Face token: set HF_TOKEN in the environment, or run in a terminal to be asked")
     return token.strip()
 
 
@@ -376,9 +368,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         az("storage file download-batch --no-progress", *share, *wanted, env=env)
         got = Path(tmp) / adapter
         if not (got / "adapter_config.json").is_file():
-            raise Failure(
-                f"no adapter on the share at {adapter}: has a run succeeded? (python infra/remote.py status)"
-            )
+            raise Failure(f"no adapter on the share at {adapter}: has a run succeeded? (python infra/remote.py status)")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(got, dest)
     print(f"Adapter copied to {adapter}")
@@ -456,9 +446,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parsers = {
-        name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()
-    }
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
     parsers["run-finetuning"].add_argument("--no-upload", action="store_true", help="start without uploading")
     for name in ("status", "logs"):
         parsers[name].add_argument("--execution", help="a run's name (default: the latest)")
