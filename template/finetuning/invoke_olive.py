@@ -69,6 +69,23 @@ def fingerprint(config: dict[str, Any]) -> str:
     return digest.hexdigest()[:12]
 
 
+def fill_paths(config: dict[str, Any], fp: str) -> Path:
+    """Put the paths from settings.toml into the Olive config; run `fp` gets its own
+    checkpoints, cache and staging folder, so a changed run never reuses a stale one.
+    Returns the checkpoint folder."""
+    out = SETTINGS["finetuning"]
+    config["input_model"]["model_path"] = str(ROOT / SETTINGS["model"]["path"])
+    for data_config in config["data_configs"]:
+        data_config["user_script"] = str(ROOT / data_config["user_script"])
+        data_config["script_dir"] = str(ROOT / data_config["script_dir"])
+    checkpoints = ROOT / out["checkpoint_dir"] / fp
+    for pass_config in config["passes"].values():
+        pass_config["training_args"]["output_dir"] = str(checkpoints)
+    config["cache_dir"] = str(ROOT / out["cache_dir"] / fp)
+    config["output_dir"] = str(ROOT / out["output_dir"] / f".run-{fp}")
+    return checkpoints
+
+
 def plot_loss(log_history: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -118,17 +135,8 @@ def main() -> None:
 
     # 2. Fill in the paths from settings.toml; key checkpoints and cache by the fingerprint.
     fp = fingerprint(config)
-    out = SETTINGS["finetuning"]
-    checkpoints = ROOT / out["checkpoint_dir"] / fp
-    staging = ROOT / out["output_dir"] / f".run-{fp}"
-    config["input_model"]["model_path"] = str(model_path)
-    for data_config in config["data_configs"]:
-        data_config["user_script"] = str(ROOT / data_config["user_script"])
-        data_config["script_dir"] = str(ROOT / data_config["script_dir"])
-    for pass_config in finetune.values():
-        pass_config["training_args"]["output_dir"] = str(checkpoints)
-    config["cache_dir"] = str(ROOT / out["cache_dir"] / fp)
-    config["output_dir"] = str(staging)
+    checkpoints = fill_paths(config, fp)
+    staging = Path(config["output_dir"])
     if args.fresh:
         shutil.rmtree(checkpoints, ignore_errors=True)
         shutil.rmtree(config["cache_dir"], ignore_errors=True)
