@@ -1,0 +1,105 @@
+"""Issue 3: every dataset kind trains through the same chat-template pre-processing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_py, sample_rows
+
+pytestmark = pytest.mark.slow
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+
+
+def short_run(ws: Path, tuned: Path) -> str:
+    shutil.copytree(tuned / "model-cache", ws / "model-cache")
+    config = ws / "finetuning" / "olive-config.json"
+    config.write_text(config.read_text().replace('"max_steps": -1', '"max_steps": 3'))
+    run = run_py(ws, "finetuning/invoke_olive.py")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert (ws / "models" / "lora" / "adapter" / "adapter_config.json").is_file()
+    return run.stdout
+
+
+def copy_render(render_factory, tmp_path: Path, **answers) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(render_factory(model="tiny-random", platform="cpu", mode="local", **answers), ws)
+    return ws
+
+
+def test_csv_columns(render_factory, tuned_workspace: Path, tmp_path: Path) -> None:
+    ws = copy_render(render_factory, tmp_path, dataset_source="local", dataset_path="dataset/tones.csv")
+    with (ws / "dataset" / "tones.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["phrase", "tone"])
+        writer.writeheader()
+        writer.writerows(sample_rows())
+    assert "on 210 rows" in short_run(ws, tuned_workspace)
+
+
+def test_json_array_with_two_input_columns(render_factory, tuned_workspace: Path, tmp_path: Path) -> None:
+    ws = copy_render(
+        render_factory,
+        tmp_path,
+        dataset_source="local",
+        dataset_path="dataset/tones.json",
+        input_columns=["phrase", "place"],
+        text_template="At {place}: {phrase}",
+    )
+    rows = [{**r, "place": "home"} for r in sample_rows()]
+    (ws / "dataset" / "tones.json").write_text(json.dumps(rows), "utf-8")
+    short_run(ws, tuned_workspace)
+
+
+def test_chat_messages(render_factory, tuned_workspace: Path, tmp_path: Path) -> None:
+    ws = copy_render(
+        render_factory, tmp_path, dataset_source="local", dataset_path="dataset/chat.jsonl", dataset_format="chat"
+    )
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Tone?"},
+                {"role": "assistant", "content": "Say a phrase."},
+                {"role": "user", "content": r["phrase"]},
+                {"role": "assistant", "content": r["tone"]},
+            ]
+        }
+        for r in sample_rows()
+    ]
+    write_jsonl(ws / "dataset" / "chat.jsonl", rows)
+    short_run(ws, tuned_workspace)
+    # Both assistant turns carry the loss; the user turns do not.
+    check = run_py(
+        ws,
+        "-c",
+        "import sys; sys.path.insert(0, 'finetuning')\n"
+        "from data import load_rows, to_messages, encode\n"
+        "from transformers import AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained('model-cache/tiny-random')\n"
+        "e = encode(tok, to_messages(load_rows()[0]), 256)\n"
+        "print(repr(tok.decode([t for t in e['labels'] if t != -100])))",
+    )
+    assert check.returncode == 0, check.stderr[-2000:]
+    learned = check.stdout.strip().splitlines()[-1]
+    assert "Say a phrase." in learned and rows[0]["messages"][3]["content"] in learned
+    assert "Tone?" not in learned and rows[0]["messages"][2]["content"] not in learned
+
+
+def test_hugging_face_dataset(render_factory, tuned_workspace: Path, tmp_path: Path) -> None:
+    ws = copy_render(render_factory, tmp_path, dataset_source="huggingface", dataset_hf_id="someone/tones")
+    # The Hub is out of reach in tests: the same datasets.load_dataset call reads a local dataset folder.
+    write_jsonl(tmp_path / "hf-tones" / "train.jsonl", sample_rows())
+    settings = ws / "settings.toml"
+    settings.write_text(settings.read_text().replace('"someone/tones"', json.dumps(str(tmp_path / "hf-tones"))))
+    assert "on 210 rows" in short_run(ws, tuned_workspace)
+    # An unknown dataset id is one clear line, before any model is loaded.
+    settings.write_text(settings.read_text().replace(json.dumps(str(tmp_path / "hf-tones")), '"nobody/nothing"'))
+    run = run_py(ws, "finetuning/invoke_olive.py")
+    assert run.returncode == 2 and "cannot load Hugging Face dataset 'nobody/nothing'" in run.stderr
+    assert run.stderr.count("\n") == 1
