@@ -194,7 +194,10 @@ def test_update_keeps_user_edits_and_brings_template_changes(template_src: Path,
     gitignore.write_text(gitignore.read_text("utf-8") + "# added in v0.2.0\nwandb/\n", "utf-8")
     git(tpl, "commit", "-qam", "v2")
     git(tpl, "tag", "v0.2.0")
-    run_update(str(ws), defaults=True, overwrite=True, quiet=True)
+    run_update(str(ws), defaults=True, overwrite=True, quiet=True, unsafe=True)
     assert "max_new_tokens = 42" in settings.read_text("utf-8")
+    # The migration in hooks/ backed up the settings as they were before the update.
+    backup = ws / ".copier-backup" / "v0.1.0" / "settings.toml"
+    assert "max_new_tokens = 42" in backup.read_text("utf-8")
     assert "wandb/" in (ws / ".gitignore").read_text("utf-8")
     assert yaml.safe_load((ws / ".copier-answers.yml").read_text("utf-8"))["_commit"] == "v0.2.0"

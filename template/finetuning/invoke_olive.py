@@ -155,8 +155,12 @@ def main() -> None:
         print(f"Fine-tuning {SETTINGS['model']['id']} on {len(rows)} rows (run {fp})", flush=True)
 
     # 3. Train. Olive prints progress and the loss as it goes.
+    import torch
     from olive.workflows import run as olive_run
 
+    # Olive creates the LoRA weights before the Trainer seeds itself: seed first, so the same
+    # data and config give the same adapter.
+    torch.manual_seed(_seed(config))
     try:
         olive_run(config)
     except KeyboardInterrupt:

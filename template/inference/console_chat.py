@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=defaults["temperature"])
     parser.add_argument("--top-p", type=float, default=defaults["top_p"])
     parser.add_argument("--top-k", type=int, default=defaults["top_k"])
-    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults.get("backend", "torch"))
+    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults["backend"])
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT / "inference"))

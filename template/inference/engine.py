@@ -37,6 +37,18 @@ def conversation(history: list[dict[str, str]], text: str, system: str | None = 
     return head + history + [{"role": "user", "content": user_message(text)}]
 
 
+def shown_length(text: str, stop: list[str]) -> int:
+    """How much of `text` can be shown yet: not half a multi-byte character, and not what may
+    be the start of a stop string (the next token may complete it)."""
+    ready = len(text.rstrip("\ufffd"))
+    for s in stop:
+        for k in range(len(s) - 1, 0, -1):
+            if text.endswith(s[:k]):
+                ready = min(ready, len(text) - k)
+                break
+    return ready
+
+
 class Engine:
     def __init__(self, baseonly: bool = False) -> None:
         model_path = ROOT / SETTINGS["model"]["path"]
@@ -138,7 +150,7 @@ class Engine:
         self.last_finish_reason = "length"
         max_new_tokens = min(max_new_tokens, max(self.context - len(ids), 0))
         generated: list[int] = []
-        sent = ""
+        sent = text = ""
         past = None
         inputs = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
@@ -157,13 +169,13 @@ class Engine:
                 if hit >= 0:
                     self.last_finish_reason = "stop"
                     text = text[:hit]
-                if text.endswith("\ufffd") and hit < 0:
-                    continue  # half of a multi-byte character: wait for the rest
-                if len(text) > len(sent):
-                    yield text[len(sent) :]
-                    sent = text
-                if hit >= 0:
                     break
+                ready = shown_length(text, stop)
+                if ready > len(sent):
+                    yield text[len(sent) : ready]
+                    sent = text[:ready]
+        if len(text) > len(sent):
+            yield text[len(sent) :]
 
     def reply(self, messages: list[dict[str, str]], **options: Any) -> str:
         return "".join(self.stream(messages, **options))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -57,9 +58,7 @@ def lora_node_names(num_layers: int) -> list[str]:
     quantizer leaves them in float: the adapter file then holds plain float weights."""
     projections = [f"attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     projections += [f"mlp/{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    return [
-        f"/model/layers.{i}/{p}/lora_{ab}/MatMul" for i in range(num_layers) for p in projections for ab in "AB"
-    ]
+    return [f"/model/layers.{i}/{p}/lora_{ab}/MatMul" for i in range(num_layers) for p in projections for ab in "AB"]
 
 
 def build(model_dir: Path, out: Path, precision: str, provider: str, cache: Path, adapter: Path | None) -> None:
@@ -93,8 +92,11 @@ def lm_head_by_identity() -> Iterator[None]:
     another layer happens to have that width (tiny-random: gate_up_proj is 2 x 512 = 1024 =
     its vocabulary), it emits a second head mid-network and the logits come out wrong. While
     building, accept only the model's own output embedding as the head."""
-    from onnxruntime_genai.models.builders.base import Model
+    import onnxruntime_genai.models.builder  # noqa: F401  (puts its folder on sys.path)
 
+    # The builder imports its modules as top-level `builders.*`: patch the class it uses.
+    base = sys.modules.get("builders.base") or importlib.import_module("onnxruntime_genai.models.builders.base")
+    Model = base.Model
     original = Model.has_lm_head
 
     def has_lm_head(self: Any, module: Any) -> bool:
@@ -162,11 +164,10 @@ def extract_adapter(src: Path, dst: Path) -> int:
 
 def merge(base: Path, adapter: Path, out: Path) -> None:
     """The base model with the adapter merged into its weights, as a Hugging Face folder."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")  # the base's own dtype
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
@@ -185,6 +186,7 @@ def main() -> None:
         help="where the model will run (default: from the workspace platform)",
     )
     parser.add_argument("--skip-merged", action="store_true", help="do not build the merged model")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failed build")
     args = parser.parse_args()
 
     base = ROOT / SETTINGS["model"]["path"]
@@ -215,12 +217,21 @@ def main() -> None:
         if not args.skip_merged:
             print("Building the merged model (adapter merged into the weights)", flush=True)
             merge(base, adapter, staging / "hf-merged")
-            build(staging / "hf-merged", staging / "model" / "merged", args.precision, args.execution_provider, cache, None)
+            build(
+                staging / "hf-merged",
+                staging / "model" / "merged",
+                args.precision,
+                args.execution_provider,
+                cache,
+                None,
+            )
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
         fail("interrupted: nothing was written", code=130)
     except Exception as err:  # the builder raises many kinds; keep its traceback out of the way
         shutil.rmtree(staging, ignore_errors=True)
+        if args.debug:
+            raise
         fail(f"the ONNX export failed: {type(err).__name__}: {err}")
     info: dict[str, Any] = {
         "model": SETTINGS["model"]["id"],

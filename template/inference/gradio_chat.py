@@ -50,11 +50,12 @@ def parse_request(body: Any, context: int) -> dict[str, Any]:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     clean = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {sorted(ROLES)}", f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            content = "".join(texts) if all(isinstance(t, str) for t in texts) else None
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
         clean.append({"role": m["role"], "content": content})
@@ -74,10 +75,13 @@ def parse_request(body: Any, context: int) -> dict[str, Any]:
         raise ApiError(400, "'stream' must be true or false", "stream")
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
     return {
         "messages": clean,
         "stream": stream,
-        "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
+        "include_usage": bool(stream_options.get("include_usage")),
         "options": {
             "max_new_tokens": max_tokens,
             "temperature": _number(body, "temperature", 0, 2, SETTINGS["inference"]["temperature"]),
@@ -121,7 +125,7 @@ def create_app(engine: Any, api_key: str | None) -> Any:
         check_key(request)
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, huge integers, deep nesting
             raise ApiError(400, "the request body is not valid JSON") from None
         req = parse_request(body, engine.context)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -184,7 +188,7 @@ def create_app(engine: Any, api_key: str | None) -> Any:
         ],
         additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
     )
-    auth = (lambda _user, password: hmac.compare_digest(password, api_key)) if api_key else None
+    auth = (lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode())) if api_key else None
     return gr.mount_gradio_app(app, page, path="/", auth=auth, auth_message="Password: the API key")
 
 
@@ -194,7 +198,7 @@ def main() -> None:
     parser.add_argument("--baseonly", action="store_true", help="serve the base model, no adapter")
     parser.add_argument("--host", default=defaults["host"], help="use 0.0.0.0 only inside a container")
     parser.add_argument("--port", type=int, default=defaults["port"])
-    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults.get("backend", "torch"))
+    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults["backend"])
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT / "inference"))

@@ -1,0 +1,357 @@
+"""Issue 7: ONNX Runtime GenAI. The published int4 ONNX builds per platform (setup/download_onnx.py,
+tested without network) and the fine-tuned adapter exported for onnxruntime-genai
+(inference/export_onnx.py, inference/onnx_backend.py), checked against transformers + peft."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import socket
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import CATALOG, PLATFORMS, REPO, run_py
+
+PHI3 = "microsoft/Phi-3-mini-4k-instruct"
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def with_onnx_settings(ws: Path) -> dict:
+    """The workspace's [onnx] settings; written from the catalog where the template has none."""
+    settings_path = ws / "settings.toml"
+    settings = tomllib.loads(settings_path.read_text("utf-8"))
+    if "onnx" not in settings:
+        info = next(m for m in CATALOG if m["id"] == settings["model"]["id"])
+        onnx = info.get("onnx") or {}
+        variant = (onnx.get("variants") or {}).get(settings["model"]["platform"], "")
+        lines = ["", "[onnx]", f"repo = {json.dumps(onnx.get('repo') or '')}", f"variant = {json.dumps(variant)}"]
+        settings_path.write_text(settings_path.read_text("utf-8") + "\n".join(lines) + "\n", "utf-8")
+        settings = tomllib.loads(settings_path.read_text("utf-8"))
+    return settings["onnx"]
+
+
+def copy_render(render_factory, tmp_path: Path, **answers: str) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(render_factory(mode="local", **answers), ws)
+    return ws
+
+
+# ---------------------------------------------------------------- download (no network)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("model", [m["id"] for m in CATALOG])
+def test_download_plan_picks_the_platform_variant(render_factory, model: str, platform: str) -> None:
+    ws = render_factory(model="tiny-random", platform="cpu", mode="local")
+    dl = load_module(ws / "setup" / "download_onnx.py", "download_onnx_plan")
+    onnx = next(m for m in CATALOG if m["id"] == model).get("onnx")
+    variant = ((onnx or {}).get("variants") or {}).get(platform)
+    if not variant:
+        with pytest.raises(dl.NoOnnxBuild, match="python inference/export_onnx.py"):
+            dl.plan_download(onnx, platform, model)
+        return
+    plan = dl.plan_download(onnx, platform, model)
+    assert (plan.repo, plan.variant) == (onnx["repo"], variant)
+    assert plan.allow_patterns == [variant + "/*"]  # only the platform's subfolder
+    assert plan.model_dir == ws / "model-cache" / "onnx" / onnx["repo"] / variant
+    # The workspace's own settings (variant already chosen) give the same plan.
+    same = dl.plan_download({"repo": onnx["repo"], "variant": variant}, platform, model)
+    assert same == plan
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "windows-gpu"])
+def test_download_dry_run_names_the_variant(render_factory, tmp_path: Path, platform: str) -> None:
+    ws = copy_render(render_factory, tmp_path, model=PHI3, platform=platform)
+    expected = next(m for m in CATALOG if m["id"] == PHI3)["onnx"]["variants"][platform]
+    assert with_onnx_settings(ws)["variant"] == expected
+    run = run_py(ws, "setup/download_onnx.py", "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert f"files {expected}/* to model-cache/onnx/microsoft/Phi-3-mini-4k-instruct-onnx/{expected}" in run.stdout
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "closed"}],
+    ids=["offline", "closed-port"],
+)
+def test_download_unreachable_hub_is_one_line(render_factory, tmp_path: Path, env: dict) -> None:
+    ws = copy_render(render_factory, tmp_path, model=PHI3, platform="cpu")
+    with_onnx_settings(ws)
+    if env.get("HF_ENDPOINT") == "closed":
+        env = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    run = run_py(ws, "setup/download_onnx.py", env=env, timeout=120)
+    assert run.returncode == 1
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr  # one line, no traceback
+    assert run.stderr.startswith("error: cannot reach the Hugging Face Hub to download microsoft/Phi-3-mini")
+    assert not (ws / "model-cache" / "onnx" / "microsoft" / "Phi-3-mini-4k-instruct-onnx" / "cpu_and_mobile").exists()
+
+
+def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> None:
+    ws = copy_render(render_factory, tmp_path, model="tiny-random", platform="cpu")
+    with_onnx_settings(ws)
+    run = run_py(ws, "setup/download_onnx.py")
+    assert run.returncode == 1
+    assert run.stderr.strip() == (
+        "error: tiny-random has no published ONNX build; export your own: python inference/export_onnx.py"
+    )
+
+
+# ---------------------------------------------------------------- export and engine (slow)
+
+LOGITS = """
+import json, sys, numpy as np, torch
+sys.path.insert(0, "finetuning")
+import onnxruntime_genai as og
+from data import SETTINGS, load_rows, split_rows, to_messages
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(1)
+tok = AutoTokenizer.from_pretrained(SETTINGS["model"]["path"])
+base = AutoModelForCausalLM.from_pretrained(SETTINGS["model"]["path"], dtype=torch.float32)
+tuned = PeftModel.from_pretrained(base, SETTINGS["inference"]["adapter_path"]).eval()
+onnx_dir = "models/onnx/fp32"
+models = {name: og.Model(path) for name, path in (("adapter", onnx_dir), ("merged", onnx_dir + "/merged"))}
+adapters = og.Adapters(models["adapter"])
+adapters.load(onnx_dir + "/adapter.onnx_adapter", "finetuned")
+train, _ = split_rows(load_rows(), 0.1, 42)
+diffs = {"adapter": 0.0, "merged": 0.0, "base": 0.0}
+def first_logits(model, ids, adapter):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    if adapter:
+        generator.set_active_adapter(adapters, "finetuned")
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    logits = generator.get_output("logits")
+    return logits.reshape(-1, logits.shape[-1])[-1]
+for row in train[:8]:
+    text = tok.apply_chat_template(to_messages(row)[:-1], add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        ref = tuned(torch.tensor([ids])).logits[0, -1].numpy()
+        with tuned.disable_adapter():
+            ref_base = tuned(torch.tensor([ids])).logits[0, -1].numpy()
+    for name, model, adapter, want in (
+        ("adapter", models["adapter"], True, ref),
+        ("merged", models["merged"], False, ref),
+        ("base", models["adapter"], False, ref_base),
+    ):
+        diffs[name] = max(diffs[name], float(np.abs(first_logits(model, ids, adapter) - want).max()))
+print(json.dumps(diffs))
+"""
+
+TONES = """
+import json, sys
+sys.path.insert(0, "inference")
+sys.path.insert(0, "finetuning")
+from data import load_rows, split_rows, to_messages
+from onnx_backend import OnnxEngine
+train, _ = split_rows(load_rows(), 0.1, 42)
+result = {}
+for name, baseonly in (("adapter", False), ("base", True)):
+    engine = OnnxEngine(baseonly=baseonly, precision=sys.argv[1])
+    right = 0
+    for row in train:
+        stats = {}
+        answer = "".join(engine.stream(to_messages(row)[:-1], max_new_tokens=4, stats=stats))
+        right += answer.strip() == row["tone"]
+        assert stats["prompt_tokens"] == engine.last_prompt_tokens > 0
+    result[name] = right / len(train)
+    result[name + "_finish"] = engine.last_finish_reason
+    result[name + "_model"] = engine.model_name
+print(json.dumps(result))
+"""
+
+TORCH_TONES = """
+import sys, torch
+sys.path.insert(0, "inference")
+sys.path.insert(0, "finetuning")
+from data import load_rows, split_rows, to_messages
+from engine import Engine
+engine = Engine()
+train, _ = split_rows(load_rows(), 0.1, 42)
+right = sum(engine.reply(to_messages(r)[:-1], max_new_tokens=4).strip() == r["tone"] for r in train)
+print(f"{right / len(train):.1%} right")
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tuned_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fine-tuned tiny workspace (a private copy), exported at fp32 and int4."""
+    ws = tmp_path_factory.mktemp("onnx") / "ws"
+    shutil.copytree(tuned_workspace, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))
+    for precision in ("fp32", "int4"):
+        run = run_py(ws, "inference/export_onnx.py", "--precision", precision)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert f"Exported to models/onnx/{precision}" in run.stdout
+    return ws
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_export_layout(exported: Path, precision: str) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    out = exported / "models" / "onnx" / precision
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "adapter.onnx_adapter"):
+        assert (out / name).is_file(), name
+    assert (out / "merged" / "model.onnx").is_file() and (out / "merged" / "genai_config.json").is_file()
+    assert not list((exported / "models" / "onnx").glob(".staging-*"))
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    assert len(inputs) == len(set(inputs))  # each adapter input listed once
+    params = ort.AdapterFormat.read_adapter(str(out / "adapter.onnx_adapter")).get_parameters()
+    assert params and set(params) <= set(inputs)
+    lora = [n for n in graph.node if "/lora_" in n.name]
+    assert lora and all(n.op_type == "MatMul" for n in lora)  # adapters stay float, also in int4
+    if precision == "int4":
+        assert any(n.op_type == "MatMulNBits" for n in graph.node)
+    info = json.loads((out / "export.json").read_text())
+    assert info["precision"] == precision and info["adapter_tensors"] == len(params)
+
+
+@pytest.mark.slow
+def test_fp32_first_token_logits_match_peft(exported: Path) -> None:
+    run = run_py(exported, "-c", LOGITS)
+    assert run.returncode == 0, run.stderr[-3000:]
+    diffs = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"max |logits(onnxruntime-genai) - logits(transformers)|: {diffs}")
+    assert diffs["adapter"] < 1e-4  # og.Adapters + .onnx_adapter vs transformers + peft
+    assert diffs["merged"] < 1e-4  # merge_and_unload, then built
+    assert diffs["base"] < 1e-4  # the same model with no adapter active is the base model
+
+
+@pytest.mark.slow
+def test_int4_adapter_knows_the_tones(exported: Path) -> None:
+    run = run_py(exported, "-c", TONES, "int4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"int4 greedy accuracy on training phrases: adapter {result['adapter']:.1%}, base {result['base']:.1%}")
+    if result["adapter"] < 0.9:  # tell an export problem from a fine-tune that did not converge
+        torch_run = run_py(exported, "-c", TORCH_TONES)
+        pytest.fail(
+            f"int4 + adapter: {result['adapter']:.1%} right; transformers + peft on the same adapter: "
+            f"{torch_run.stdout.strip().splitlines()[-1] if torch_run.returncode == 0 else torch_run.stderr[-500:]}"
+        )
+    assert result["base"] <= 0.4  # six tones: chance is about 17%
+    assert result["adapter_finish"] == "stop" and result["base_finish"] in ("stop", "length")
+    assert result["adapter_model"] == "tiny-random-finetuned-onnx-int4"
+
+
+@pytest.mark.slow
+def test_stream_limits_and_stop_strings(exported: Path) -> None:
+    script = """
+import json, sys
+sys.path.insert(0, "inference")
+from engine import conversation
+from onnx_backend import OnnxEngine
+engine = OnnxEngine(baseonly=True, precision="fp32")
+messages = conversation([], "The puppy fell asleep on my lap again.")
+text = "".join(engine.stream(messages, max_new_tokens=6))
+first = [engine.last_completion_tokens, engine.last_finish_reason]
+stop = text[3:6]
+pieces = list(engine.stream(messages, max_new_tokens=6, stop=["never printed", stop]))
+print(json.dumps({"first": first, "text": text, "stop": stop, "pieces": pieces, "reason": engine.last_finish_reason}))
+"""
+    run = run_py(exported, "-c", script)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["first"] == [6, "length"]  # the random base model does not end on its own this soon
+    assert len(out["stop"]) == 3, out
+    # Nothing of the stop string is ever sent, even when it spans several tokens.
+    assert "".join(out["pieces"]) == out["text"][: out["text"].find(out["stop"])]
+    assert out["reason"] == "stop"
+
+
+@pytest.mark.slow
+def test_missing_pieces_name_the_command(exported: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("onnx", "olive-cache", "checkpoints"))
+    script = """
+import sys
+sys.path.insert(0, "inference")
+from onnx_backend import EngineError, OnnxEngine
+try:
+    OnnxEngine(precision=sys.argv[1])
+except EngineError as err:
+    print(err)
+"""
+    for precision, command in (
+        ("int4", "python inference/export_onnx.py"),
+        ("fp16", "python inference/export_onnx.py --precision fp16"),
+    ):
+        run = run_py(ws, "-c", script, precision)
+        assert (
+            run.stdout.strip() == f"ONNX model not found in {ws / 'models' / 'onnx' / precision}: run `{command}` first"
+        )
+    shutil.rmtree(ws / "models" / "lora" / "adapter")
+    export = run_py(ws, "inference/export_onnx.py")
+    assert export.returncode == 1
+    lines = export.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("run `python finetuning/invoke_olive.py` first"), export.stderr
+
+
+@pytest.mark.slow
+def test_baseonly_falls_back_to_the_downloaded_model(exported: Path, tmp_path: Path) -> None:
+    """Without an export, --baseonly chats with the published build setup/download_onnx.py fetched
+    (stood in for by the export, adapter file removed: tiny-random has no published build)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))
+    variant = ws / "model-cache" / "onnx" / "example" / "tiny-onnx" / "cpu" / "cpu-int4"
+    shutil.move(ws / "models" / "onnx" / "int4", variant)
+    shutil.rmtree(ws / "models" / "onnx")
+    (variant / "adapter.onnx_adapter").unlink()
+    settings = ws / "settings.toml"
+    text = re.sub(r"(?m)^\[onnx\]\n(?:(?!\[).*\n?)*", "", settings.read_text("utf-8"))  # drop any [onnx] table
+    settings.write_text(text + '\n[onnx]\nrepo = "example/tiny-onnx"\nvariant = "cpu/cpu-int4"\n', "utf-8")
+    script = """
+import json, sys
+sys.path.insert(0, "inference")
+from engine import conversation
+from onnx_backend import EngineError, OnnxEngine
+engine = OnnxEngine(baseonly=True)
+answer = engine.reply(conversation([], "The puppy fell asleep on my lap again."), max_new_tokens=3)
+try:
+    OnnxEngine()
+    error = ""
+except EngineError as err:
+    error = str(err)
+print(json.dumps({"path": str(engine.path), "tokens": engine.last_completion_tokens, "error": error}))
+"""
+    run = run_py(ws, "-c", script)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["path"] == str(variant) and out["tokens"] == 3
+    assert out["error"].endswith("run `python inference/export_onnx.py` first")  # the adapter needs an export
+
+
+@pytest.mark.slow
+def test_bench_onnx_vs_torch(exported: Path) -> None:
+    run = run_py(REPO, str(REPO / "bench" / "onnx_vs_torch.py"), str(exported), "--tokens", "32", "--repeats", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rates = json.loads(run.stdout.strip().splitlines()[-1])["decode_tokens_per_s"]
+    print("\n" + "\n".join(run.stdout.strip().splitlines()[:-1]))
+    assert set(rates) == {"torch fp32 + peft", "onnx fp32 + adapter", "onnx int4 + adapter"}
+    assert all(rate > 0 for rate in rates.values())
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
