@@ -30,15 +30,10 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT / "inference"))
-    from engine import Engine, EngineError, conversation
+    from engine import EngineError, conversation, load_engine
 
     try:
-        if args.backend == "onnx":
-            from onnx_backend import OnnxEngine
-
-            engine = OnnxEngine(baseonly=args.baseonly)
-        else:
-            engine = Engine(baseonly=args.baseonly)
+        engine = load_engine(args.backend, args.baseonly)
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

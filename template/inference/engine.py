@@ -49,8 +49,103 @@ def shown_length(text: str, stop: list[str]) -> int:
     return ready
 
 
-class Engine:
+def load_engine(backend: str = "torch", baseonly: bool = False) -> ChatEngine:
+    """The engine for `backend` (torch or onnx); EngineError says what to run first."""
+    if backend == "onnx":
+        from onnx_backend import OnnxEngine
+
+        return OnnxEngine(baseonly=baseonly)
+    return Engine(baseonly=baseonly)
+
+
+class ChatEngine:
+    """What every backend shares: the chat template, one answer at a time, and streaming text
+    with end tokens, stop strings and token counts. A backend only supplies `tokens()`."""
+
+    tokenizer: Any
+    end_ids: set[int]
+    context: int
+    model_name: str
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_prompt_tokens = self.last_completion_tokens = 0
+        self.last_finish_reason = "stop"
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def tokens(
+        self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int
+    ) -> Iterator[int]:
+        """The next token ids after the prompt `ids`, one at a time."""
+        raise NotImplementedError
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 50,
+        stop: list[str] | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer piece by piece. Holds the engine for the whole answer; token counts
+        and the finish reason land in `stats` (per call, so concurrent callers never mix them)."""
+        with self.lock:
+            yield from self._stream(messages, max_new_tokens, temperature, top_p, top_k, stop or [])
+            if stats is not None:
+                stats.update(
+                    prompt_tokens=self.last_prompt_tokens,
+                    completion_tokens=self.last_completion_tokens,
+                    finish_reason=self.last_finish_reason,
+                )
+
+    def _stream(
+        self,
+        messages: list[dict[str, str]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        stop: list[str],
+    ) -> Iterator[str]:
+        ids = self.prompt_ids(messages)
+        self.last_prompt_tokens, self.last_completion_tokens = len(ids), 0
+        self.last_finish_reason = "length"
+        max_new_tokens = min(max_new_tokens, max(self.context - len(ids), 0))
+        generated: list[int] = []
+        sent = text = ""
+        for token in self.tokens(ids, max_new_tokens, temperature, top_p, top_k) if max_new_tokens > 0 else ():
+            if token in self.end_ids:
+                self.last_finish_reason = "stop"
+                break
+            generated.append(token)
+            self.last_completion_tokens = len(generated)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            hit = min((text.find(s) for s in stop if s in text), default=-1)
+            if hit >= 0:
+                self.last_finish_reason = "stop"
+                text = text[:hit]
+                break
+            ready = shown_length(text, stop)
+            if ready > len(sent):
+                yield text[len(sent) : ready]
+                sent = text[:ready]
+        if len(text) > len(sent):
+            yield text[len(sent) :]
+
+    def reply(self, messages: list[dict[str, str]], **options: Any) -> str:
+        return "".join(self.stream(messages, **options))
+
+
+class Engine(ChatEngine):
+    """transformers (+ peft): the base model and the fine-tuned adapter."""
+
     def __init__(self, baseonly: bool = False) -> None:
+        super().__init__()
         model_path = ROOT / SETTINGS["model"]["path"]
         adapter_path = ROOT / SETTINGS["inference"]["adapter_path"]
         if not (model_path / "config.json").is_file():
@@ -91,13 +186,6 @@ class Engine:
         ends.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.end_ids = ends
         self.context = int(getattr(self.model.config, "max_position_embeddings", 4096))
-        self.lock = threading.Lock()
-        self.last_prompt_tokens = self.last_completion_tokens = 0
-        self.last_finish_reason = "stop"
-
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _next_token(self, logits: Any, temperature: float, top_p: float, top_k: int) -> int:
         torch = self.torch
@@ -114,43 +202,10 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs / probs.sum(), 1))
 
-    def stream(
-        self,
-        messages: list[dict[str, str]],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 50,
-        stop: list[str] | None = None,
-        stats: dict[str, Any] | None = None,
-    ) -> Iterator[str]:
-        """Yield the answer piece by piece. Holds the engine for the whole answer; token counts
-        and the finish reason land in `stats` (per call, so concurrent callers never mix them)."""
-        with self.lock:
-            yield from self._stream(messages, max_new_tokens, temperature, top_p, top_k, stop or [])
-            if stats is not None:
-                stats.update(
-                    prompt_tokens=self.last_prompt_tokens,
-                    completion_tokens=self.last_completion_tokens,
-                    finish_reason=self.last_finish_reason,
-                )
-
-    def _stream(
-        self,
-        messages: list[dict[str, str]],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        stop: list[str],
-    ) -> Iterator[str]:
+    def tokens(
+        self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int
+    ) -> Iterator[int]:
         torch = self.torch
-        ids = self.prompt_ids(messages)
-        self.last_prompt_tokens, self.last_completion_tokens = len(ids), 0
-        self.last_finish_reason = "length"
-        max_new_tokens = min(max_new_tokens, max(self.context - len(ids), 0))
-        generated: list[int] = []
-        sent = text = ""
         past = None
         inputs = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
@@ -158,24 +213,5 @@ class Engine:
                 out = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 token = self._next_token(out.logits[0, -1], temperature, top_p, top_k)
-                if token in self.end_ids:
-                    self.last_finish_reason = "stop"
-                    break
-                generated.append(token)
-                self.last_completion_tokens = len(generated)
+                yield token
                 inputs = torch.tensor([[token]], device=self.device)
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                hit = min((text.find(s) for s in stop if s in text), default=-1)
-                if hit >= 0:
-                    self.last_finish_reason = "stop"
-                    text = text[:hit]
-                    break
-                ready = shown_length(text, stop)
-                if ready > len(sent):
-                    yield text[len(sent) : ready]
-                    sent = text[:ready]
-        if len(text) > len(sent):
-            yield text[len(sent) :]
-
-    def reply(self, messages: list[dict[str, str]], **options: Any) -> str:
-        return "".join(self.stream(messages, **options))

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import END_TOKENS, ROOT, SETTINGS, EngineError  # noqa: E402
+from engine import END_TOKENS, ROOT, SETTINGS, ChatEngine, EngineError  # noqa: E402
 
 ONNX = SETTINGS.get("onnx", {})
 ADAPTER_FILE = "adapter.onnx_adapter"
@@ -40,19 +39,11 @@ def downloaded_dir() -> Path | None:
     return path if (path / "genai_config.json").is_file() else None
 
 
-def held_back(text: str, stop: list[str]) -> int:
-    """Length of the longest tail of text that is the beginning of a stop string."""
-    longest = 0
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:k]):
-                longest = k
-                break
-    return longest
+class OnnxEngine(ChatEngine):
+    """onnxruntime-genai: the exported model, with the adapter file through og.Adapters."""
 
-
-class OnnxEngine:
     def __init__(self, baseonly: bool = False, precision: str = "int4") -> None:
+        super().__init__()
         command = "python inference/export_onnx.py" + ("" if precision == "int4" else f" --precision {precision}")
         path = export_dir(precision)
         adapter = path / ADAPTER_FILE
@@ -87,53 +78,13 @@ class OnnxEngine:
         vocab = self.tokenizer.get_vocab()
         self.end_ids = {vocab[t] for t in END_TOKENS if t in vocab} | set(eos if isinstance(eos, list) else [eos])
         self.context = int(genai.get("context_length", 4096))
-        self.lock = threading.Lock()
-        self.last_prompt_tokens = self.last_completion_tokens = 0
-        self.last_finish_reason = "stop"
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def stream(
-        self,
-        messages: list[dict[str, str]],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 50,
-        stop: list[str] | None = None,
-        stats: dict[str, Any] | None = None,
-    ) -> Iterator[str]:
-        """Yield the answer piece by piece; token counts and the finish reason are set on the
-        engine (last_*) and, per call, in `stats`."""
-        with self.lock:
-            yield from self._stream(messages, max_new_tokens, temperature, top_p, top_k, stop or [])
-            if stats is not None:
-                stats.update(
-                    prompt_tokens=self.last_prompt_tokens,
-                    completion_tokens=self.last_completion_tokens,
-                    finish_reason=self.last_finish_reason,
-                )
-
-    def _stream(
-        self,
-        messages: list[dict[str, str]],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        stop: list[str],
-    ) -> Iterator[str]:
+    def tokens(
+        self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int
+    ) -> Iterator[int]:
         import numpy as np
 
         og = self.og
-        ids = self.prompt_ids(messages)
-        self.last_prompt_tokens, self.last_completion_tokens = len(ids), 0
-        self.last_finish_reason = "length"
-        max_new_tokens = min(max_new_tokens, max(self.context - len(ids), 0))
-        if max_new_tokens <= 0:
-            return
         params = og.GeneratorParams(self.model)
         search: dict[str, Any] = {"max_length": len(ids) + max_new_tokens, "do_sample": temperature > 0}
         if temperature > 0:
@@ -143,32 +94,8 @@ class OnnxEngine:
         if self.adapters is not None:
             generator.set_active_adapter(self.adapters, "finetuned")
         generator.append_tokens(np.array([ids], dtype=np.int32))
-        generated: list[int] = []
-        text = sent = ""
-        while len(generated) < max_new_tokens and not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            if token in self.end_ids:
-                self.last_finish_reason = "stop"
+        for _ in range(max_new_tokens):
+            if generator.is_done():
                 break
-            generated.append(token)
-            self.last_completion_tokens = len(generated)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            hit = min((text.find(s) for s in stop if s in text), default=-1)
-            if hit >= 0:
-                self.last_finish_reason = "stop"
-                text = text[:hit]
-            elif text.endswith("\ufffd"):
-                continue  # half of a multi-byte character: wait for the rest
-            # Hold back a tail that may be the start of a stop string.
-            end = len(text) if hit >= 0 else len(text) - held_back(text, stop)
-            if end > len(sent):
-                yield text[len(sent) : end]
-                sent = text[:end]
-            if hit >= 0:
-                return
-        if len(text) > len(sent):
-            yield text[len(sent) :]
-
-    def reply(self, messages: list[dict[str, str]], **options: Any) -> str:
-        return "".join(self.stream(messages, **options))
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
