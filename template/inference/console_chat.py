@@ -66,7 +66,7 @@ def main() -> None:
                 answer += piece
                 print(piece, end="", flush=True)
             print()
-            history += [messages[-1], {"role": "assistant", "content": answer}]
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     except (EOFError, KeyboardInterrupt):
         pass
     print("\nBye.")

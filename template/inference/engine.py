@@ -30,11 +30,21 @@ class EngineError(Exception):
     """Something to do first (download, fine-tune), said in one line."""
 
 
+def formatted(messages: list[dict[str, str]], system: str | None = None) -> list[dict[str, str]]:
+    """Messages as the model was fine-tuned on them: user turns put into the training text
+    template, and the configured system message unless `system` or the messages bring one."""
+    out = [
+        {"role": m["role"], "content": user_message(m["content"]) if m["role"] == "user" else m["content"]}
+        for m in messages
+    ]
+    if any(m["role"] == "system" for m in out):
+        return out
+    return ([{"role": "system", "content": system}] if system else system_messages()) + out
+
+
 def conversation(history: list[dict[str, str]], text: str, system: str | None = None) -> list[dict[str, str]]:
-    """Messages for a new user turn: system message, earlier turns, then the user's text in
-    the same template the model was fine-tuned with."""
-    head = [{"role": "system", "content": system}] if system else system_messages()
-    return head + history + [{"role": "user", "content": user_message(text)}]
+    """Messages for a new user turn after `history` (turns as the user typed them)."""
+    return formatted([*history, {"role": "user", "content": text}], system)
 
 
 def shown_length(text: str, stop: list[str]) -> int:

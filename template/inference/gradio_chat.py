@@ -97,7 +97,7 @@ def create_app(engine: Any, api_key: str | None) -> Any:
     from fastapi.responses import JSONResponse, StreamingResponse
 
     sys.path.insert(0, str(ROOT / "inference"))
-    from engine import conversation
+    from engine import conversation, formatted
 
     app = FastAPI(title=f"{engine.model_name} chat")
 
@@ -110,8 +110,8 @@ def create_app(engine: Any, api_key: str | None) -> Any:
     def check_key(request: Request) -> None:
         if not api_key:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
     @app.get("/v1/models")
@@ -128,6 +128,8 @@ def create_app(engine: Any, api_key: str | None) -> Any:
         except (ValueError, RecursionError):  # bad JSON or UTF-8, huge integers, deep nesting
             raise ApiError(400, "the request body is not valid JSON") from None
         req = parse_request(body, engine.context)
+        # The same prompt format as training and the other front-ends.
+        req["messages"] = formatted(req["messages"])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": engine.model_name}
         stats: dict[str, Any] = {}
