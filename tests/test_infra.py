@@ -100,7 +100,7 @@ def test_local_mode_renders_no_infra(render_factory) -> None:
 
 def test_every_infra_file_parses(ws: Path, tmp_path: Path) -> None:
     files = sorted(p for p in (ws / "infra").rglob("*") if p.is_file())
-    expected = {"remote.py", "job.sh", "serve.sh", "azure.toml", "finetuning.bicep", "inference.bicep"}
+    expected = {"remote.py", "job.sh", "serve.sh", "prepare.sh", "azure.toml", "finetuning.bicep", "inference.bicep"}
     expected |= {"environment.bicep", "finetuning.parameters.json", "inference.parameters.json"}
     assert expected <= {p.name for p in files}
     for path in files:
@@ -210,6 +210,8 @@ def test_bicep_structure_and_api_versions(ws: Path) -> None:
 
 def test_job_command_is_written_once(ws: Path) -> None:
     job = (ws / "infra" / "job.sh").read_text("utf-8")
+    # prepare.sh (shared with serve.sh) installs the requirements; job.sh sources it first.
+    job = job.replace('source "$(dirname "$0")/prepare.sh"', (ws / "infra" / "prepare.sh").read_text("utf-8"))
     steps = ["setup/requirements-cuda.txt", "setup/download_model.py", "finetuning/invoke_olive.py"]
     assert [job.index(s) for s in steps] == sorted(job.index(s) for s in steps)
     assert "set -euo pipefail" in job and "SKIP_PIP_INSTALL" in job

@@ -3,17 +3,7 @@
 # (`bash /mount/infra/serve.sh`, see provision/inference.bicep); locally: `bash infra/serve.sh`.
 # SKIP_PIP_INSTALL=1 skips installing requirements (an environment that already has them).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-
-export PIP_CACHE_DIR=${PIP_CACHE_DIR:-$PWD/.cache/pip}
-export HF_HOME=${HF_HOME:-$PWD/.cache/huggingface}
-export PYTHONUNBUFFERED=1
-
-if [ "${SKIP_PIP_INSTALL:-0}" != "1" ]; then
-  echo "== installing setup/requirements-cuda.txt (cache: $PIP_CACHE_DIR)"
-  "$PYTHON" -m pip install --disable-pip-version-check --root-user-action=ignore -r setup/requirements-cuda.txt
-fi
+source "$(dirname "$0")/prepare.sh"
 
 read -r MODEL_PATH KEY_ENV < <("$PYTHON" -c 'import tomllib; s = tomllib.load(open("settings.toml", "rb")); print(s["model"]["path"], s["inference"]["api_key_env"] or "-")')
 # A remote run left the base model on the share; otherwise (adapter trained elsewhere) get it.
