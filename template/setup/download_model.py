@@ -25,30 +25,47 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def download(repo: str, revision: str, dest: Path, gated: bool) -> None:
+def fetch(repo: str, revision: str | None, dest: Path, allow_patterns: list[str]) -> None:
+    """snapshot_download with one clear line (and exit 1) for each way it fails. Partial files
+    resume on the next run. Also used by setup/download_onnx.py."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    token = os.environ.get("HF_TOKEN") or None
-    if gated and not token:
-        fail(f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, then export HF_TOKEN=...")
     try:
-        # Only what transformers needs; snapshot_download resumes partial files on its own.
         snapshot_download(
             repo,
             revision=revision or None,
             local_dir=dest,
-            token=token,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"],
+            token=os.environ.get("HF_TOKEN") or None,
+            allow_patterns=allow_patterns,
         )
     except GatedRepoError:
         fail(f"{repo} is gated and this token has no access: accept the licence at https://huggingface.co/{repo}")
     except RepositoryNotFoundError:
-        fail(f"{repo} not found on the Hub (or HF_TOKEN lacks access)")
+        fail(f"{repo} not found on the Hugging Face Hub (or HF_TOKEN lacks access)")
+    except RevisionNotFoundError:
+        fail(f"{repo} has no revision {revision!r}")
     except LocalEntryNotFoundError:
-        fail(f"cannot reach the Hugging Face Hub to download {repo}: check the network or proxy settings")
-    except OSError as err:
+        # Raised when the Hub cannot be reached (or HF_HUB_OFFLINE=1) and nothing is cached.
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+        fail(f"cannot reach the Hugging Face Hub to download {repo}{offline}: check the network or proxy")
+    except HfHubHTTPError as err:
+        fail(f"download of {repo} failed: {str(err).splitlines()[0]}")
+    except OSError as err:  # connection errors that escape huggingface_hub, disk full, ...
         fail(f"download of {repo} failed: {err}")
+
+
+def download(repo: str, revision: str, dest: Path, gated: bool) -> None:
+    if gated and not os.environ.get("HF_TOKEN"):
+        fail(f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, then export HF_TOKEN=...")
+    # Only what transformers needs.
+    fetch(repo, revision, dest, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"])
 
 
 def main() -> None:

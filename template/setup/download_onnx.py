@@ -13,7 +13,6 @@ your own: python inference/export_onnx.py
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -22,6 +21,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+sys.path.insert(0, str(ROOT / "setup"))
+
+from download_model import fail, fetch  # noqa: E402  (the one Hub download, with its error lines)
 
 
 class NoOnnxBuild(Exception):
@@ -66,44 +68,9 @@ def plan_download(onnx: dict[str, Any] | None, platform: str, model_id: str = "t
 
 def download(plan: Plan) -> None:
     """Fetch the variant's files (resuming partial downloads); one line and exit 1 on failure."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        snapshot_download(
-            plan.repo,
-            revision=plan.revision,
-            local_dir=plan.dest,
-            allow_patterns=plan.allow_patterns,
-            token=os.environ.get("HF_TOKEN") or None,
-        )
-    except GatedRepoError:
-        fail(f"{plan.repo} is gated: accept its licence at https://huggingface.co/{plan.repo}, then set HF_TOKEN")
-    except RepositoryNotFoundError:
-        fail(f"{plan.repo} not found on the Hugging Face Hub (or HF_TOKEN lacks access)")
-    except RevisionNotFoundError:
-        fail(f"{plan.repo} has no revision {plan.revision!r}")
-    except LocalEntryNotFoundError:
-        # Raised when the Hub cannot be reached (or HF_HUB_OFFLINE=1) and nothing is cached.
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
-        fail(f"cannot reach the Hugging Face Hub to download {plan.repo}{offline}: check the network or proxy")
-    except HfHubHTTPError as err:
-        fail(f"download of {plan.repo} failed: {str(err).splitlines()[0]}")
-    except OSError as err:  # connection errors that escape huggingface_hub, disk full, ...
-        fail(f"download of {plan.repo} failed: {err}")
+    fetch(plan.repo, plan.revision, plan.dest, plan.allow_patterns)
     if not (plan.model_dir / "genai_config.json").is_file():
         fail(f"{plan.repo} has no ONNX model in {plan.variant}/ (no genai_config.json): check [onnx] variant")
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def main() -> None:
