@@ -2,6 +2,7 @@
 
     python finetuning/invoke_olive.py            # uses finetuning/olive-config.json
     python finetuning/invoke_olive.py --cpu-lora # a QLoRA workspace on a machine without CUDA
+    python finetuning/invoke_olive.py --no-eval  # skip the held-out evaluation at the end
 
 Paths, dataset and prompt format come from settings.toml; hyperparameters from the Olive
 config. A run that is interrupted resumes from its last checkpoint when started again; a run
@@ -27,6 +28,7 @@ SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
 sys.path.insert(0, str(ROOT / "finetuning"))
 
 from data import DatasetError, check_rows, load_rows, split_rows  # noqa: E402
+from evaluate_adapter import evaluate  # noqa: E402
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / SETTINGS["finetuning"]["olive_config"])
     parser.add_argument("--cpu-lora", action="store_true", help="run a QLoRA config as LoRA in float32")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints and start over")
+    parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation, base vs fine-tuned")
     args = parser.parse_args()
 
     # 1. Check everything cheap before loading anything heavy or writing anything.
@@ -119,7 +122,7 @@ def main() -> None:
     try:
         rows = load_rows()
         check_rows(rows)
-        split_rows(rows, _eval_split(config), _seed(config))
+        split_rows(rows, _eval_split(config), _data_seed(config))
     except DatasetError as err:
         fail(str(err), code=2)
     model_path = ROOT / SETTINGS["model"]["path"]
@@ -158,9 +161,9 @@ def main() -> None:
     import torch
     from olive.workflows import run as olive_run
 
-    # Olive creates the LoRA weights before the Trainer seeds itself: seed first, so the same
-    # data and config give the same adapter.
-    torch.manual_seed(_seed(config))
+    # Olive creates the LoRA weights before the Trainer seeds itself: seed first with the
+    # training seed, so the same answers give the same adapter (data_seed only splits/shuffles).
+    torch.manual_seed(_train_seed(config))
     try:
         olive_run(config)
     except KeyboardInterrupt:
@@ -185,7 +188,11 @@ def main() -> None:
     shutil.rmtree(staging, ignore_errors=True)
     losses = [h["loss"] for h in log_history if "loss" in h]
     summary = f"; train loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
-    print(f"Adapter written to {adapter.relative_to(ROOT)}{summary}")
+    print(f"Adapter written to {adapter.relative_to(ROOT)}{summary}", flush=True)
+
+    # 5. Score base vs fine-tuned on the rows held out of training (writes adapter/eval.json).
+    if not args.no_eval:
+        evaluate(config, adapter, _eval_split(config), _data_seed(config))
 
 
 def _eval_split(config: dict[str, Any]) -> float:
@@ -193,8 +200,12 @@ def _eval_split(config: dict[str, Any]) -> float:
     return float(params["eval_split"])
 
 
-def _seed(config: dict[str, Any]) -> int:
+def _data_seed(config: dict[str, Any]) -> int:
     return int(config["data_configs"][0]["load_dataset_config"]["params"]["data_seed"])
+
+
+def _train_seed(config: dict[str, Any]) -> int:
+    return int(next(iter(config["passes"].values()))["training_args"]["seed"])
 
 
 if __name__ == "__main__":
