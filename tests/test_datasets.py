@@ -40,7 +40,7 @@ def test_csv_columns(render_factory, tuned_workspace: Path, tmp_path: Path) -> N
         writer = csv.DictWriter(f, fieldnames=["phrase", "tone"])
         writer.writeheader()
         writer.writerows(sample_rows())
-    assert "on 210 rows" in short_run(ws, tuned_workspace)
+    assert "on 420 rows" in short_run(ws, tuned_workspace)
 
 
 def test_json_array_with_two_input_columns(render_factory, tuned_workspace: Path, tmp_path: Path) -> None:
@@ -97,9 +97,54 @@ def test_hugging_face_dataset(render_factory, tuned_workspace: Path, tmp_path: P
     write_jsonl(tmp_path / "hf-tones" / "train.jsonl", sample_rows())
     settings = ws / "settings.toml"
     settings.write_text(settings.read_text().replace('"someone/tones"', json.dumps(str(tmp_path / "hf-tones"))))
-    assert "on 210 rows" in short_run(ws, tuned_workspace)
+    assert "on 420 rows" in short_run(ws, tuned_workspace)
     # An unknown dataset id is one clear line, before any model is loaded.
     settings.write_text(settings.read_text().replace(json.dumps(str(tmp_path / "hf-tones")), '"nobody/nothing"'))
     run = run_py(ws, "finetuning/invoke_olive.py")
     assert run.returncode == 2 and "cannot load Hugging Face dataset 'nobody/nothing'" in run.stderr
     assert run.stderr.count("\n") == 1
+
+
+LOAD = "import sys, json; sys.path.insert(0, 'finetuning')\nfrom data import load_rows\nprint(json.dumps(load_rows()))"
+
+
+def load_in(ws: Path) -> list[dict]:
+    run = run_py(ws, "-c", LOAD)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_csv_quoted_fields_keep_their_line_breaks(render_factory, tmp_path: Path) -> None:
+    ws = copy_render(render_factory, tmp_path, dataset_source="local", dataset_path="dataset/tones.csv")
+    (ws / "dataset" / "tones.csv").write_bytes(b'phrase,tone\r\n"Two lines:\nstill one field",joy\r\nplain,fear\r\n')
+    expected = [{"phrase": "Two lines:\nstill one field", "tone": "joy"}, {"phrase": "plain", "tone": "fear"}]
+    assert load_in(ws) == expected
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(render_factory, tmp_path: Path) -> None:
+    ws = copy_render(render_factory, tmp_path, dataset_source="local", dataset_path="dataset/tones.jsonl")
+    rows = [{"phrase": "a\u2028b\u0085c\u2029d", "tone": "joy"}, {"phrase": "e", "tone": "fear"}]
+    # ensure_ascii=False: the separators are raw characters inside the JSON strings.
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
+    (ws / "dataset" / "tones.jsonl").write_text(text, "utf-8", newline="")
+    assert load_in(ws) == rows
+
+
+def test_json_array_in_a_jsonl_file_says_what_to_do(render_factory, tmp_path: Path) -> None:
+    ws = copy_render(render_factory, tmp_path, dataset_source="local", dataset_path="dataset/tones.jsonl")
+    (ws / "dataset" / "tones.jsonl").write_text(json.dumps(sample_rows(), indent=1), "utf-8")
+    run = run_py(ws, "finetuning/invoke_olive.py")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert "holds one JSON array, not JSON lines: rename it to .json, or write one object per line" in run.stderr
+    assert not (ws / "models").exists()
+
+
+def test_answers_past_max_seq_len_are_refused_before_olive(render_factory, tuned_workspace: Path, tmp_path: Path):
+    ws = copy_render(render_factory, tmp_path, dataset_source="local", dataset_path="dataset/long.jsonl")
+    shutil.copytree(tuned_workspace / "model-cache", ws / "model-cache")
+    long = " ".join(["the weather was fine and we walked along the river"] * 12)
+    write_jsonl(ws / "dataset" / "long.jsonl", [{"phrase": f"{long} {i}", "tone": "joy"} for i in range(20)])
+    run = run_py(ws, "finetuning/invoke_olive.py")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert "every answer starts past max_seq_len 64 tokens (longest example:" in run.stderr
+    assert not (ws / "models").exists()

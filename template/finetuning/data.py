@@ -9,14 +9,16 @@ model's own chat template, so training and chat can never disagree on the prompt
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from settings import load_settings
+
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+SETTINGS = load_settings()
 IGNORE_INDEX = -100  # label value the loss skips
 ROLES = {"system", "user", "assistant"}
 
@@ -38,15 +40,21 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         raise DatasetError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        # The csv module over the whole text: quoted fields keep their line breaks.
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise DatasetError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    elif text.lstrip().startswith("["):
+        raise DatasetError(
+            f"{path}: holds one JSON array, not JSON lines: rename it to .json, or write one object per line"
+        )
     else:  # JSON lines (.jsonl, or .json with one object per line as the peer writes it)
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: JSON strings may hold other line separators (U+2028, U+0085, ...).
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -169,6 +177,33 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int) -> 
         labels[start:end] = full[start:end]
     full, labels = full[:max_seq_len], labels[:max_seq_len]
     return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+
+
+def check_lengths(
+    tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, settings: dict[str, Any] = SETTINGS
+) -> str:
+    """Refuse, before any training, a dataset whose answers all fall past max_seq_len; return a
+    warning (or "") when most answers are cut short. Checks at most 2000 rows (a seeded sample)."""
+    sample = rows if len(rows) <= 2000 else random.Random(0).sample(rows, 2000)
+    kept = cut = 0
+    longest = 0
+    for row in sample:
+        example = encode(tokenizer, to_messages(row, settings), 1_000_000)
+        longest = max(longest, len(example["input_ids"]))
+        answer_at = [i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
+        kept += bool(answer_at) and answer_at[0] < max_seq_len
+        cut += bool(answer_at) and answer_at[-1] >= max_seq_len
+    if kept == 0:
+        raise DatasetError(
+            f"every answer starts past max_seq_len {max_seq_len} tokens (longest example: {longest}): "
+            "raise max_seq_len or shorten the inputs"
+        )
+    if cut > len(sample) / 2:
+        return (
+            f"warning: {cut} of {len(sample)} answers are cut short by max_seq_len {max_seq_len} "
+            f"(longest example: {longest} tokens)"
+        )
+    return ""
 
 
 def tokenize(

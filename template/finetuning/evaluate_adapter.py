@@ -15,14 +15,16 @@ import argparse
 import json
 import math
 import sys
-import tomllib
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
 sys.path.insert(0, str(ROOT / "finetuning"))
+
+from settings import load_settings  # noqa: E402
+
+SETTINGS = load_settings()
 
 from data import DatasetError, encode, load_rows, split_rows, to_messages  # noqa: E402
 

@@ -13,6 +13,7 @@ by a fingerprint of all of those).
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import hashlib
 import importlib.util
@@ -20,15 +21,17 @@ import json
 import os
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
 sys.path.insert(0, str(ROOT / "finetuning"))
 
-from data import DatasetError, check_rows, load_rows, split_rows  # noqa: E402
+from settings import load_settings  # noqa: E402
+
+SETTINGS = load_settings()
+
+from data import DatasetError, check_lengths, check_rows, load_rows, split_rows  # noqa: E402
 from evaluate_adapter import evaluate  # noqa: E402
 
 
@@ -89,6 +92,69 @@ def fill_paths(config: dict[str, Any], fp: str) -> Path:
     return checkpoints
 
 
+def take_lock(path: Path) -> None:
+    """One fine-tuning run per workspace: a lock file holding the PID, removed at exit. A lock
+    left by a process that is gone (killed, machine restarted) is taken over."""
+    import psutil  # installed with accelerate
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = path.read_text("utf-8").strip()
+            # The PID must be alive and older than the lock (PIDs are reused after a reboot).
+            try:
+                alive = holder.isdigit() and psutil.Process(int(holder)).create_time() <= path.stat().st_mtime + 1
+            except (psutil.Error, OSError):  # the process (or the lock) is gone
+                alive = False
+            if alive:
+                fail(f"another fine-tuning run is in progress in this workspace (PID {holder}, lock {path})")
+            print(f"Taking over the stale lock of PID {holder or '?'}, which has ended", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        atexit.register(path.unlink, missing_ok=True)
+        return
+    fail(f"cannot take the lock {path}: another run took it at the same moment")
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was written completely (trainer_state.json, written last, is
+    there and parses). Torn ones, from a run killed while saving, are moved aside to torn/."""
+    good = None
+    for checkpoint in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+            good = checkpoint
+        except (OSError, ValueError):
+            aside = folder.parent / "torn" / f"{folder.name}-{checkpoint.name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(checkpoint, aside)
+            print(f"Skipping {checkpoint.name}, written only in part (moved to {aside.relative_to(ROOT)})")
+    return good
+
+
+def publish(new: Path, adapter: Path) -> None:
+    """Put `new` in place of `adapter` by two renames, keeping the previous adapter until the
+    new one is in place; a kill between them is repaired by recover_adapter()."""
+    previous = adapter.with_name(adapter.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if adapter.exists():
+        os.replace(adapter, previous)
+    os.replace(new, adapter)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_adapter(adapter: Path) -> None:
+    previous = adapter.with_name(adapter.name + ".previous")
+    if previous.is_dir() and not adapter.exists():
+        os.replace(previous, adapter)
+        print(f"Restored the previous adapter in {adapter.relative_to(ROOT)} (a run was stopped while publishing)")
+
+
 def plot_loss(log_history: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -129,6 +195,15 @@ def main() -> None:
     model_path = ROOT / SETTINGS["model"]["path"]
     if not (model_path / "config.json").is_file():
         fail(f"base model not found in {model_path}: run `python setup/download_model.py` first")
+    from transformers import AutoTokenizer
+
+    try:  # an answer cut off by max_seq_len teaches nothing: find out now, not inside Olive
+        max_seq_len = config["data_configs"][0]["pre_process_data_config"]["params"]["max_seq_len"]
+        warning = check_lengths(AutoTokenizer.from_pretrained(model_path), rows, max_seq_len)
+    except DatasetError as err:
+        fail(str(err), code=2)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.cpu_lora:
         to_cpu_lora(finetune)
         config["systems"]["local_system"]["accelerators"] = [
@@ -137,7 +212,11 @@ def main() -> None:
     if any(p["type"] == "QLoRA" for p in finetune.values()):
         preflight_qlora()
 
-    # 2. Fill in the paths from settings.toml; key checkpoints and cache by the fingerprint.
+    # 2. One run at a time per workspace; fill in the paths from settings.toml; key checkpoints
+    # and cache by the fingerprint.
+    take_lock(ROOT / "models" / ".finetune.lock")
+    adapter = ROOT / SETTINGS["inference"]["adapter_path"]
+    recover_adapter(adapter)
     fp = fingerprint(config)
     checkpoints = fill_paths(config, fp)
     staging = Path(config["output_dir"])
@@ -150,11 +229,11 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
     if last:
-        print(f"Resuming from {Path(last).name} in {checkpoints.relative_to(ROOT)}", flush=True)
+        print(f"Resuming from {last.name} in {checkpoints.relative_to(ROOT)}", flush=True)
+        for pass_config in finetune.values():
+            pass_config["training_args"]["resume_from_checkpoint"] = str(last)
     else:
         print(f"Fine-tuning {SETTINGS['model']['id']} on {len(rows)} rows (run {fp})", flush=True)
 
@@ -170,22 +249,20 @@ def main() -> None:
     except KeyboardInterrupt:
         fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
 
-    # 4. Publish the adapter atomically: a half-written adapter never looks finished.
+    # 4. Publish the adapter: a half-written adapter never looks finished.
     found = sorted(staging.rglob("adapter_config.json"))
     if not found:
         fail(f"Olive finished but wrote no adapter under {staging}; see the log above")
-    adapter = ROOT / SETTINGS["inference"]["adapter_path"]
     tmp = adapter.with_name(adapter.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(found[-1].parent, tmp)
-    last = get_last_checkpoint(str(checkpoints))
+    last = last_complete_checkpoint(checkpoints)
     log_history: list[dict[str, Any]] = []
     if last:
-        log_history = json.loads((Path(last) / "trainer_state.json").read_text("utf-8"))["log_history"]
+        log_history = json.loads((last / "trainer_state.json").read_text("utf-8"))["log_history"]
         (tmp / "log_history.json").write_text(json.dumps(log_history, indent=1), "utf-8")
         plot_loss(log_history, tmp / "loss.png")
-    shutil.rmtree(adapter, ignore_errors=True)
-    os.replace(tmp, adapter)
+    publish(tmp, adapter)
     shutil.rmtree(staging, ignore_errors=True)
     losses = [h["loss"] for h in log_history if "loss" in h]
     summary = f"; train loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+sys.path.insert(0, str(ROOT / "finetuning"))
+
+from settings import load_settings  # noqa: E402
+
+SETTINGS = load_settings()
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Phi-3's chat format, kept in its own file because it is Jinja, not Python.
