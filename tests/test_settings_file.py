@@ -48,22 +48,17 @@ def line_of(ws: Path, start: str) -> int:
     return next(n for n, line in enumerate((ws / "settings.toml").read_text().split("\n"), 1) if line.startswith(start))
 
 
+@pytest.mark.parametrize("kind", ["conflict", "invalid"])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_conflict_markers_give_one_line(broken: dict[str, Path], script: str) -> None:
-    ws = broken["conflict"]
+def test_broken_settings_give_one_line_with_the_line_number(broken: dict[str, Path], script: str, kind: str) -> None:
+    ws = broken[kind]
     run = run_py(ws, script)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert run.stderr.count("\n") == 1, run.stderr
-    line = line_of(ws, "<<<<<<<")
-    assert f"settings.toml:{line}: a conflict marker left by `copier update`" in run.stderr
-    assert "delete the <<<<<<< ======= >>>>>>> lines" in run.stderr
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_invalid_toml_gives_one_line_with_the_line_number(broken: dict[str, Path], script: str) -> None:
-    ws = broken["invalid"]
-    run = run_py(ws, script)
-    assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert run.stderr.count("\n") == 1, run.stderr
-    assert "settings.toml: invalid TOML:" in run.stderr
-    assert f"(at line {line_of(ws, 'max_new_tokens')}, column" in run.stderr
+    if kind == "conflict":
+        line = line_of(ws, "<<<<<<<")
+        assert f"settings.toml:{line}: a conflict marker left by `copier update`" in run.stderr
+        assert "delete the <<<<<<< ======= >>>>>>> lines" in run.stderr
+    else:
+        assert "settings.toml: invalid TOML:" in run.stderr
+        assert f"(at line {line_of(ws, 'max_new_tokens')}, column" in run.stderr

@@ -153,13 +153,16 @@ def evaluate(config: dict[str, Any], adapter: Path, eval_split: float, data_seed
 
 
 def print_report(report: dict[str, Any], path: Path) -> None:
-    rows = [("exact match", "exact_match", "{:.1%}"), ("answer mentioned", "mentioned", "{:.1%}")]
-    rows += [("answer loss", "answer_loss", "{:.3f}"), ("perplexity", "perplexity", "{:.2f}")]
+    def percent(value: float) -> str:
+        return f"{100 * value:.1f}%"
+
+    rows = [("exact match", "exact_match", percent), ("answer mentioned", "mentioned", percent)]
+    rows += [("answer loss", "answer_loss", "{:.3f}".format), ("perplexity", "perplexity", "{:.2f}".format)]
     print(f"\nHeld-out evaluation: {report['held_out_rows']} rows the model never trained on")
     print(f"  {'':18} {'base':>8} {'tuned':>8}")
     for label, key, fmt in rows:
         if key in report["tuned"]:
-            print(f"  {label:18} {fmt.format(report['base'][key]):>8} {fmt.format(report['tuned'][key]):>8}")
+            print(f"  {label:18} {fmt(report['base'][key]):>8} {fmt(report['tuned'][key]):>8}")
     for example in report.get("examples", [])[:3]:
         print(f"\n  input:    {example['input']}")
         print(f"  base:     {example['base'][:100]!r}")
