@@ -7,7 +7,7 @@ end-of-turn token, a stop string or the limit. With baseonly=True and no export,
 to the published int4 model fetched by setup/download_onnx.py.
 
     from onnx_backend import OnnxEngine
-    engine = OnnxEngine()                 # int4 + adapter
+    engine = OnnxEngine()                 # [onnx] precision + adapter
     print(engine.reply(conversation([], "The puppy fell asleep on my lap again.")))
 """
 
@@ -42,8 +42,9 @@ def downloaded_dir() -> Path | None:
 class OnnxEngine(ChatEngine):
     """onnxruntime-genai: the exported model, with the adapter file through og.Adapters."""
 
-    def __init__(self, baseonly: bool = False, precision: str = "int4") -> None:
+    def __init__(self, baseonly: bool = False, precision: str | None = None) -> None:
         super().__init__()
+        precision = precision or ONNX.get("precision", "int4")  # settings.toml [onnx] precision
         command = "python inference/export_onnx.py" + ("" if precision == "int4" else f" --precision {precision}")
         path = export_dir(precision)
         adapter = path / ADAPTER_FILE
