@@ -8,12 +8,16 @@ dropped here explicitly (and tests/test_questions.py checks that copier refuses 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -122,19 +126,86 @@ SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="session")
-def smol_workspace(render_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default CPU workspace (SmolLM2-135M-Instruct, a real pretrained model), its model built
-    from the offline copy (the Hub is unreachable in tests: HF_HUB_OFFLINE=1), fine-tuned on the
-    sample once per pytest run, with the held-out evaluation invoke_olive.py ends with."""
-    ws = tmp_path_factory.mktemp("smol") / "ws"
+def smol_base(render_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default CPU workspace (SmolLM2-135M-Instruct, a real pretrained model) with its model
+    built from the offline copy (the Hub is unreachable in tests: HF_HUB_OFFLINE=1), not fine-tuned.
+    Read-only for tests: copy it to change it."""
+    ws = tmp_path_factory.mktemp("smol-base") / "ws"
     shutil.copytree(render_factory(model=SMOL, platform="cpu", mode="local"), ws)
     build = run_py(ws, "setup/download_model.py")
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     (ws / "download.log").write_text(build.stdout + build.stderr, "utf-8")
+    return ws
+
+
+@pytest.fixture(scope="session")
+def smol_workspace(smol_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """smol_base fine-tuned on the sample once per pytest run, with the held-out evaluation
+    invoke_olive.py ends with."""
+    ws = tmp_path_factory.mktemp("smol") / "ws"
+    shutil.copytree(smol_base, ws)
     tune = run_py(ws, "finetuning/invoke_olive.py", timeout=1200)
     assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
     (ws / "finetune.log").write_text(tune.stdout + tune.stderr, "utf-8")
     return ws
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running inference/gradio_chat.py, its output in `log`."""
+
+    def __init__(self, port: int, proc: subprocess.Popen, log: Path, key: str | None) -> None:
+        self.port, self.proc, self.log, self.key = port, proc, log, key
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text("utf-8", errors="replace")[-chars:]
+
+    def post(self, body: object, raw: bytes | None = None, timeout: float = 300) -> httpx.Response:
+        """POST /v1/chat/completions (with the key): `body` as JSON, or `raw` bytes as they are."""
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        content = raw if raw is not None else json.dumps(body).encode()
+        return httpx.post(f"{self.url}/v1/chat/completions", content=content, headers=headers, timeout=timeout)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server(ws: Path, log: Path, *args: str, env: dict[str, str] | None = None, key: str | None = None) -> Server:
+    """Start inference/gradio_chat.py in `ws` on a free port; return once /v1/models answers."""
+    port = free_port()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    full_env.update(env or {})
+    with log.open("w") as out:
+        command = [PYTHON, "inference/gradio_chat.py", "--port", str(port), *args]
+        proc = subprocess.Popen(command, cwd=ws, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    srv = Server(port, proc, log, key)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
+        if time.monotonic() > deadline:
+            srv.stop()
+            raise AssertionError(f"server not up after 300 s:\n{srv.log_tail()}")
+        try:
+            if httpx.get(f"{srv.url}/v1/models", headers=headers, timeout=5).status_code == 200:
+                return srv
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
 
 
 def sample_rows() -> list[dict]:

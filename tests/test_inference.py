@@ -2,10 +2,11 @@
 console chat, the OpenAI-compatible API and the Gradio page of inference/gradio_chat.py (with the
 official `openai` client and a real Chromium), and the prompt flow node.
 
-The fine-tuned tiny model learns the sample data set (phrase -> one-word tone) but not perfectly,
-and training is not bit-for-bit reproducible, so accuracy is checked as a rate (>= 90 %) on rows
-of the actual training split; tests about something else (streaming, concurrency, the browser)
-use phrases the server answered correctly when asked one at a time.
+The tiny random model can only memorise, and how well it does is chaotic across machines, so
+these tests never score which tone it picks (that is test_finetune.py's job, on SmolLM2). They
+check what holds everywhere: the fine-tuned model answers in the trained form (one of the six
+tone words), and every front-end (console, API streamed or not, 16 clients at once, the page,
+the flow node) gives exactly the answer the server gave to the same phrase asked alone (greedy).
 
 Run with `pytest tests/test_inference.py -s` to see the timings printed.
 """
@@ -14,12 +15,10 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
-import importlib.util
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import ARTIFACTS, PYTHON, REPO, run_py
+from conftest import ARTIFACTS, PYTHON, REPO, Server, free_port, run_py, sample_rows, start_server
 
 KEY = "test-key-7f3a"
 CHROMIUM = "/usr/bin/chromium"
@@ -46,9 +45,12 @@ CHROMIUM_ARGS = [
 ADAPTER_HINT = "python finetuning/invoke_olive.py"
 
 
-def accuracy(pairs: list[tuple[str, str]]) -> float:
-    """Share of (answer, expected tone) pairs where the answer is the tone."""
-    return sum(answer.strip() == tone for answer, tone in pairs) / len(pairs)
+TONES = {"joy", "sadness", "anger", "fear", "surprise", "disgust"}
+
+
+def tone_words(answers: list[str]) -> float:
+    """Share of answers that are one of the six tone words: the form the model was tuned to."""
+    return sum(answer.strip() in TONES for answer in answers) / len(answers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,18 +66,10 @@ def _module_timer() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def train_rows(tuned_workspace: Path) -> list[dict]:
-    """The rows of the training split (as finetuning/data.py splits them), round-robin over the
-    tones so that any prefix covers every tone."""
-    spec = importlib.util.spec_from_file_location("ws_data", tuned_workspace / "finetuning" / "data.py")
-    assert spec and spec.loader
-    data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(data)
-    config = json.loads((tuned_workspace / "finetuning" / "olive-config.json").read_text("utf-8"))
-    params = config["data_configs"][0]["load_dataset_config"]["params"]
-    train, _ = data.split_rows(data.load_rows(), float(params["eval_split"]), int(params["data_seed"]))
+def train_rows() -> list[dict]:
+    """The sample rows, round-robin over the tones so that any prefix covers every tone."""
     by_tone: dict[str, list[dict]] = {}
-    for row in train:
+    for row in sample_rows():
         by_tone.setdefault(row["tone"], []).append(row)
     assert len(by_tone) == 6, sorted(by_tone)
     ordered: list[dict] = []
@@ -95,70 +89,17 @@ def bare_workspace(tuned_workspace: Path, tmp_path_factory: pytest.TempPathFacto
     return ws
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, port: int, proc: subprocess.Popen, log: Path) -> None:
-        self.port, self.proc, self.log = port, proc, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log.read_text("utf-8", errors="replace")[-chars:]
-
-    def post(self, body: Any, raw: bytes | None = None) -> httpx.Response:
-        """POST /v1/chat/completions with the key: `body` as JSON, or `raw` bytes as they are."""
-        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-        content = raw if raw is not None else json.dumps(body).encode()
-        return httpx.post(f"{self.url}/v1/chat/completions", content=content, headers=headers, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def server(tuned_workspace: Path, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[Server]:
     """inference/gradio_chat.py with an API key, once for the module; its log is dumped (and kept
     in test-artifacts/) when a test of the module failed."""
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "gradio_chat.log"
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "FINETUNE_API_KEY": KEY,
-    }
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [PYTHON, "inference/gradio_chat.py", "--port", str(port)],
-            cwd=tuned_workspace,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    srv = Server(port, proc, log)
+    srv = start_server(tuned_workspace, log, env={"FINETUNE_API_KEY": KEY}, key=KEY)
     failed_before = request.session.testsfailed
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{srv.log_tail()}"
-            assert time.monotonic() < deadline, f"server not up after 300 s:\n{srv.log_tail()}"
-            try:
-                r = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
         yield srv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        srv.stop()
         if request.session.testsfailed > failed_before:
             ARTIFACTS.mkdir(exist_ok=True)
             shutil.copy(log, ARTIFACTS / "gradio_chat_server.log")
@@ -180,13 +121,14 @@ def reference(server: Server, train_rows: list[dict]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def good_rows(reference: dict[str, dict], train_rows: list[dict]) -> list[dict]:
-    """Training rows the server answered correctly one at a time."""
+    """Rows the server answered with a tone word one at a time, each with that answer as
+    "expected": what every other front-end must give for the same phrase."""
     good = [
-        row
+        {**row, "expected": reference[row["phrase"]]["choices"][0]["message"]["content"]}
         for row in train_rows[:24]
-        if reference[row["phrase"]]["choices"][0]["message"]["content"].strip() == row["tone"]
+        if reference[row["phrase"]]["choices"][0]["message"]["content"].strip() in TONES
     ]
-    assert len(good) >= 0.9 * 24, f"only {len(good)} of 24 training phrases answered right"
+    assert len(good) >= 0.9 * 24, f"only {len(good)} of 24 answers are a tone word"
     return good
 
 
@@ -224,22 +166,49 @@ def console_answers(tuned_workspace: Path, train_rows: list[dict]) -> dict[str, 
 
 
 @pytest.mark.slow
-def test_console_prompt_answers_training_phrases(console_answers: dict[str, str], train_rows) -> None:
-    pairs = [(console_answers[row["phrase"]], row["tone"]) for row in train_rows[:12]]
-    assert len({tone for _, tone in pairs}) == 6
-    assert accuracy(pairs) >= 0.9, pairs
+def test_console_prompt_answers_in_the_trained_form(console_answers: dict[str, str], reference) -> None:
+    answers = list(console_answers.values())
+    assert tone_words(answers) >= 0.9, answers
+    # The console and the server run the same engine: greedy gives the same answer.
+    for phrase, answer in console_answers.items():
+        assert answer == reference[phrase]["choices"][0]["message"]["content"].strip(), phrase
 
 
 @pytest.mark.slow
 def test_console_interactive(tuned_workspace: Path, console_answers: dict[str, str], train_rows) -> None:
-    row = next(r for r in train_rows[:12] if console_answers[r["phrase"]] == r["tone"])
+    row = next(r for r in train_rows[:12] if console_answers[r["phrase"]] in TONES)
     result = run_py(tuned_workspace, "inference/console_chat.py", input=f"{row['phrase']}\n#end\n")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "Chatting with tiny-random-finetuned" in result.stdout
     answer = re.search(r"Model: (.*)", result.stdout)
-    assert answer and answer.group(1).strip() == row["tone"], result.stdout
+    assert answer and answer.group(1).strip() == console_answers[row["phrase"]], result.stdout
     assert result.stdout.rstrip().endswith("Bye.")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_console_undecodable_input_is_one_line(tuned_workspace: Path, locale: str) -> None:
+    """Bytes that are not text (a Latin-1 é, a stray 0xFF) get one line, and the chat goes on."""
+    env = {**os.environ, "LC_ALL": locale, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [PYTHON, "inference/console_chat.py"],
+        input=b"caf\xe9 \xff\n" + sample_rows()[0]["phrase"].encode() + b"\n#end\n",
+        cwd=tuned_workspace,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    out, err = result.stdout.decode("utf-8", "replace"), result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert out.count("not valid text") == 1, out
+    assert re.search(r"Model: \S", out) and out.rstrip().endswith("Bye."), out
+    # A --prompt that is not text: one line, exit 1.
+    bad = subprocess.run(
+        [PYTHON, "inference/console_chat.py", "--prompt", b"caf\xe9"], cwd=tuned_workspace, capture_output=True, env=env
+    )
+    lines = bad.stderr.decode("utf-8", "replace").strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1 and "not valid text" in lines[0], lines
 
 
 @pytest.mark.slow
@@ -275,8 +244,8 @@ def test_missing_adapter_is_one_line(bare_workspace: Path, script: str) -> None:
 
 
 @pytest.mark.slow
-def test_openai_non_stream(client, train_rows) -> None:
-    pairs = []
+def test_openai_non_stream(client, train_rows, reference) -> None:
+    answers = []
     for row in train_rows[:12]:
         out = client.chat.completions.create(
             model="tiny-random-finetuned",
@@ -291,13 +260,14 @@ def test_openai_non_stream(client, train_rows) -> None:
         usage = out.usage
         assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
         assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-        pairs.append((out.choices[0].message.content, row["tone"]))
-    assert accuracy(pairs) >= 0.9, pairs
+        assert out.choices[0].message.content == reference[row["phrase"]]["choices"][0]["message"]["content"]
+        answers.append(out.choices[0].message.content)
+    assert tone_words(answers) >= 0.9, answers
 
 
 @pytest.mark.slow
 def test_openai_stream(client, train_rows, reference) -> None:
-    pairs = []
+    answers = []
     for row in train_rows[:12]:
         chunks = list(
             client.chat.completions.create(
@@ -320,8 +290,8 @@ def test_openai_stream(client, train_rows, reference) -> None:
         assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
         # Greedy: streaming gives exactly the non-streamed answer.
         assert text == plain["choices"][0]["message"]["content"]
-        pairs.append((text, row["tone"]))
-    assert accuracy(pairs) >= 0.9, pairs
+        answers.append(text)
+    assert tone_words(answers) >= 0.9, answers
 
 
 @pytest.mark.slow
@@ -333,7 +303,7 @@ def test_openai_stream_without_usage(client, good_rows) -> None:
         )
     )
     assert all(c.usage is None for c in chunks)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == row["tone"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == row["expected"]
 
 
 @pytest.mark.slow
@@ -342,7 +312,7 @@ def test_openai_system_and_history(client, good_rows, reference) -> None:
     messages = [
         {"role": "system", "content": "Answer with the tone of the phrase, in one word."},
         {"role": "user", "content": earlier["phrase"]},
-        {"role": "assistant", "content": earlier["tone"]},
+        {"role": "assistant", "content": earlier["expected"]},
         {"role": "user", "content": row["phrase"]},
     ]
     out = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=16)
@@ -353,7 +323,7 @@ def test_openai_system_and_history(client, good_rows, reference) -> None:
     parts = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": [{"type": "text", "text": row["phrase"]}]}], temperature=0
     )
-    assert parts.choices[0].message.content == row["tone"]
+    assert parts.choices[0].message.content == row["expected"]
 
 
 @pytest.mark.slow
@@ -469,7 +439,7 @@ def test_sixteen_concurrent_clients(server: Server, good_rows, reference) -> Non
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(ask, range(16)))
     for row, (text, prompt_tokens) in zip(rows, results, strict=True):
-        assert text == row["tone"], (row, text)
+        assert text == row["expected"], (row, text)
         assert prompt_tokens == reference[row["phrase"]]["usage"]["prompt_tokens"]
 
 
@@ -500,11 +470,13 @@ def test_browser_chat(server: Server, good_rows) -> None:
             page.get_by_label("username").fill("tester")  # the form is cleared after a failure
             page.get_by_label("password").fill(KEY)
             page.get_by_role("button", name="Login").click()
+            # The held-out evaluation written beside the adapter is on the page.
+            sync_api.expect(page.get_by_text("Held-out evaluation on 42 rows", exact=False)).to_be_visible()
             box = page.get_by_placeholder("Type a message...")
             box.fill(row["phrase"])
             box.press("Enter")
             sync_api.expect(page.get_by_test_id("user").last).to_have_text(row["phrase"])
-            sync_api.expect(page.get_by_test_id("bot").last).to_have_text(row["tone"])
+            sync_api.expect(page.get_by_test_id("bot").last).to_have_text(row["expected"])
             page.screenshot(path=str(ARTIFACTS / "gradio_chat.png"), full_page=True)
         finally:
             browser.close()
@@ -554,9 +526,9 @@ def test_flow_node_answers(tuned_workspace: Path, good_rows) -> None:
     row, earlier = good_rows[0], good_rows[1]
     as_script = run_py(tuned_workspace, "inference/flow_chat.py", row["phrase"])
     assert as_script.returncode == 0, as_script.stderr[-3000:]
-    assert as_script.stdout.strip() == row["tone"]
+    assert as_script.stdout.strip() == row["expected"]
     # As promptflow calls it: keyword inputs, with promptflow's chat_history shape.
-    history = [{"inputs": {"question": earlier["phrase"]}, "outputs": {"answer": earlier["tone"]}}]
+    history = [{"inputs": {"question": earlier["phrase"]}, "outputs": {"answer": earlier["expected"]}}]
     code = (
         "import json, sys; sys.path.insert(0, 'inference'); from flow_chat import chat; "
         f"print(json.dumps([chat(question={row['phrase']!r}), chat(question={row['phrase']!r}, "
@@ -565,7 +537,7 @@ def test_flow_node_answers(tuned_workspace: Path, good_rows) -> None:
     called = run_py(tuned_workspace, "-c", code)
     assert called.returncode == 0, called.stderr[-3000:]
     plain, with_history = json.loads(called.stdout.strip().splitlines()[-1])
-    assert plain == row["tone"]
+    assert plain == row["expected"]
     assert isinstance(with_history, str)
 
 

@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+sys.path.insert(0, str(ROOT / "finetuning"))
+
+from settings import load_settings  # noqa: E402
+
+SETTINGS = load_settings()
+
+
+NOT_TEXT = "that input is not valid text in the terminal's encoding"
+
+
+def is_text(text: str) -> bool:
+    """False for undecodable input: Python keeps such bytes as lone surrogates, which the
+    tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def main() -> None:
@@ -28,6 +44,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=defaults["top_k"])
     parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults["backend"])
     args = parser.parse_args()
+    if args.prompt is not None and not is_text(args.prompt):
+        sys.exit(f"error: {NOT_TEXT}")
 
     sys.path.insert(0, str(ROOT / "inference"))
     from engine import EngineError, conversation, load_engine
@@ -45,8 +63,11 @@ def main() -> None:
     }
 
     if args.prompt is not None:
-        for piece in engine.stream(conversation([], args.prompt, args.system), **options):
-            print(piece, end="", flush=True)
+        try:
+            for piece in engine.stream(conversation([], args.prompt, args.system), **options):
+                print(piece, end="", flush=True)
+        except EngineError as err:
+            sys.exit(f"\nerror: {err}")
         print()
         return
 
@@ -54,17 +75,27 @@ def main() -> None:
     history: list[dict[str, str]] = []
     try:
         while True:
-            text = input("\nYou: ").strip()
+            try:
+                text = input("\nYou: ").strip()
+            except UnicodeDecodeError:
+                text = "\udc80"  # bytes that are not text in the terminal's encoding
             if text == "#end":
                 break
             if not text:
                 continue
+            if not is_text(text):
+                print(f"error: {NOT_TEXT}; type it again")
+                continue
             messages = conversation(history, text, args.system)
             print("Model: ", end="", flush=True)
             answer = ""
-            for piece in engine.stream(messages, **options):
-                answer += piece
-                print(piece, end="", flush=True)
+            try:
+                for piece in engine.stream(messages, **options):
+                    answer += piece
+                    print(piece, end="", flush=True)
+            except EngineError as err:  # the conversation outgrew the context: say so, keep the chat
+                print(f"\nerror: {err}")
+                continue
             print()
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     except (EOFError, KeyboardInterrupt):

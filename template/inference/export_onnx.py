@@ -28,13 +28,16 @@ import os
 import re
 import shutil
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+sys.path.insert(0, str(ROOT / "finetuning"))
+
+from settings import load_settings  # noqa: E402
+
+SETTINGS = load_settings()
 ONNX = SETTINGS.get("onnx", {})
 
 PRECISIONS = ["int4", "fp16", "fp32"]

@@ -10,19 +10,23 @@ and the page asks for a login (any user name, the key as password).
 """
 
 import argparse
+import asyncio
 import hmac
 import json
 import os
 import sys
 import time
-import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = tomllib.loads((ROOT / "settings.toml").read_text("utf-8"))
+sys.path.insert(0, str(ROOT / "finetuning"))
+
+from settings import load_settings  # noqa: E402
+
+SETTINGS = load_settings()
 ROLES = {"system", "user", "assistant"}
 
 
@@ -39,6 +43,16 @@ def _number(body: dict[str, Any], name: str, low: float, high: float, default: f
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise ApiError(400, f"'{name}' must be a number between {low} and {high}", name)
     return float(value)
+
+
+def _text(value: str, param: str) -> str:
+    """JSON can spell lone surrogates ("\\udc80"): they parse, but they are not Unicode text, and
+    the tokenizer would fail on them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)", param) from None
+    return value
 
 
 def parse_request(body: Any, context: int) -> dict[str, Any]:
@@ -58,7 +72,7 @@ def parse_request(body: Any, context: int) -> dict[str, Any]:
             content = "".join(texts) if all(isinstance(t, str) for t in texts) else None
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-        clean.append({"role": m["role"], "content": content})
+        clean.append({"role": m["role"], "content": _text(content, f"messages[{i}].content")})
     if clean[-1]["role"] == "assistant":
         raise ApiError(400, "the last message must be from the user or the system", "messages")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -70,6 +84,7 @@ def parse_request(body: Any, context: int) -> dict[str, Any]:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
+    stop = [_text(s, "stop") for s in stop]
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
@@ -91,19 +106,35 @@ def parse_request(body: Any, context: int) -> dict[str, Any]:
     }
 
 
-def create_app(engine: Any, api_key: str | None) -> Any:
+def evaluation_summary(adapter: Path) -> str:
+    """One line from the held-out evaluation written beside the adapter (finetuning/evaluate_adapter.py)."""
+    try:
+        report = json.loads((adapter / "eval.json").read_text("utf-8"))
+        base, tuned = report["base"], report["tuned"]
+        if "exact_match" in tuned:
+            result = f"exact match {base['exact_match']:.1%} (base) → {tuned['exact_match']:.1%} (fine-tuned)"
+        else:
+            result = f"perplexity {base['perplexity']:.2f} (base) → {tuned['perplexity']:.2f} (fine-tuned)"
+        return f"Held-out evaluation on {report['held_out_rows']} rows it never trained on: {result}."
+    except (OSError, ValueError, KeyError, TypeError):
+        return "No held-out evaluation yet (python finetuning/evaluate_adapter.py writes one)."
+
+
+def create_app(engine: Any, api_key: str | None, description: str | None = None) -> Any:
     import gradio as gr
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
     sys.path.insert(0, str(ROOT / "inference"))
-    from engine import conversation, formatted
+    from engine import DONE, EngineError, Job, PromptTooLong, conversation, formatted
+
+    max_bytes = int(SETTINGS["inference"].get("max_request_bytes", 2_097_152))
 
     app = FastAPI(title=f"{engine.model_name} chat")
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        kind = "authentication_error" if err.status == 401 else "invalid_request_error"
+        kind = {401: "authentication_error", 503: "server_error"}.get(err.status, "invalid_request_error")
         body = {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
         return JSONResponse(body, status_code=err.status)
 
@@ -120,11 +151,46 @@ def create_app(engine: Any, api_key: str | None) -> Any:
         card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "local"}
         return {"object": "list", "data": [card]}
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it is known to be too big: by its declared
+        length before anything is read, or while it streams in."""
+        too_big = ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise too_big
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > max_bytes:
+                raise too_big
+        return bytes(body)
+
+    async def pieces(request: Request, job: Job, items: asyncio.Queue[Any]) -> AsyncIterator[str]:
+        """The job's answer as it comes. The job is cancelled when the client goes away (checked
+        every 0.25 s) or when this generator is closed or cancelled, so the engine moves on."""
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            job.cancel.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            while (item := await items.get()) is not DONE:
+                if isinstance(item, PromptTooLong):
+                    raise ApiError(400, str(item), "messages", "context_length_exceeded")
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            watcher.cancel()
+            job.cancel.set()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         check_key(request)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await read_body(request))
         except (ValueError, RecursionError):  # bad JSON or UTF-8, huge integers, deep nesting
             raise ApiError(400, "the request body is not valid JSON") from None
         req = parse_request(body, engine.context)
@@ -132,35 +198,52 @@ def create_app(engine: Any, api_key: str | None) -> Any:
         req["messages"] = formatted(req["messages"])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": engine.model_name}
-        stats: dict[str, Any] = {}
+        # The engine's worker thread hands each piece to this event loop.
+        loop, items = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            job = engine.submit(
+                req["messages"], on_item=lambda item: loop.call_soon_threadsafe(items.put_nowait, item), **req["options"]
+            )
+        except EngineError as err:  # shutting down
+            raise ApiError(503, str(err), code="server_shutting_down") from None
+        answer = pieces(request, job, items)
+        # The first piece, before any header is sent: a prompt too long for the context is a 400.
+        first = await anext(answer, None)
 
         def usage() -> dict[str, int]:
-            p, c = stats.get("prompt_tokens", 0), stats.get("completion_tokens", 0)
+            p, c = job.stats["prompt_tokens"], job.stats["completion_tokens"]
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-        if not req["stream"]:
-            # A plain (sync) call in FastAPI's thread pool: the engine lock queues requests.
-            from starlette.concurrency import run_in_threadpool
+        shutdown = {"message": "the server is shutting down", "type": "server_error", "code": "server_shutting_down"}
 
-            text = await run_in_threadpool(
-                lambda: "".join(engine.stream(req["messages"], stats=stats, **req["options"]))
-            )
+        def cut_short() -> bool:
+            return job.stats["finish_reason"] == "cancelled" and engine.closing
+
+        if not req["stream"]:
+            text = (first or "") + "".join([piece async for piece in answer])
+            if cut_short():
+                raise ApiError(503, shutdown["message"], code=shutdown["code"])
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "finish_reason": stats.get("finish_reason", "stop"),
+                "finish_reason": job.stats["finish_reason"],
             }
             return {**head, "object": "chat.completion", "choices": [choice], "usage": usage()}
 
-        def events() -> Iterator[str]:
+        async def events() -> AsyncIterator[str]:
             def chunk(delta: dict[str, str], finish: str | None = None) -> str:
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
                 return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
 
             yield chunk({"role": "assistant", "content": ""})
-            for piece in engine.stream(req["messages"], stats=stats, **req["options"]):
+            if first is not None:
+                yield chunk({"content": first})
+            async for piece in answer:
                 yield chunk({"content": piece})
-            yield chunk({}, stats.get("finish_reason", "stop"))
+            if cut_short():  # an error event and no [DONE]: the client knows the answer is cut
+                yield f"data: {json.dumps({'error': shutdown})}\n\n"
+                return
+            yield chunk({}, job.stats["finish_reason"])
             if req["include_usage"]:
                 last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()}
                 yield f"data: {json.dumps(last)}\n\n"
@@ -174,14 +257,18 @@ def create_app(engine: Any, api_key: str | None) -> Any:
         turns = [{"role": h["role"], "content": str(h["content"])} for h in history if h["role"] in ROLES]
         options = {"max_new_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p}
         answer = ""
-        for piece in engine.stream(conversation(turns, message), top_k=int(top_k), **options):
-            answer += piece
-            yield answer
+        try:
+            for piece in engine.stream(conversation(turns, message), top_k=int(top_k), **options):
+                answer += piece
+                yield answer
+        except EngineError as err:  # a prompt too long for the context: said on the page
+            raise gr.Error(str(err)) from None
 
     defaults = SETTINGS["inference"]
     page = gr.ChatInterface(
         respond,
         title=f"Chat with {engine.model_name}",
+        description=description,
         additional_inputs=[
             gr.Slider(1, min(2048, engine.context), value=defaults["max_new_tokens"], step=1, label="Max new tokens"),
             gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="Temperature (0 = greedy)"),
@@ -214,9 +301,19 @@ def main() -> None:
     import uvicorn
 
     api_key = os.environ.get(defaults["api_key_env"]) or None
-    app = create_app(engine, api_key)
+    adapter = ROOT / SETTINGS["inference"]["adapter_path"]
+    app = create_app(engine, api_key, None if args.baseonly else evaluation_summary(adapter))
     print(f"Serving {engine.model_name} on http://{args.host}:{args.port} (API at /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Ctrl-C or SIGTERM: cancel the answers being generated, so their streams end at once
+            # (with an error event) and the server stops within seconds, not after every answer.
+            engine.close()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
+    Server(config).run()
 
 
 if __name__ == "__main__":

@@ -26,13 +26,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
+sys.path.insert(0, str(ROOT / "finetuning"))
+
+from settings import load_settings  # noqa: E402  (one-line errors for broken or conflicted files)
+
 # The same names as in provision/*.bicep (hfTokenSecretName, apiKeySecretName, container names).
 HF_SECRET = "hf-token"
 API_KEY_SECRET = "api-key"
@@ -47,13 +50,6 @@ SKIP_DIRS |= {"node_modules", ".ipynb_checkpoints"}
 
 class Failure(Exception):
     """A problem the user can fix: main() prints it as one line and exits 1."""
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text("utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise Failure(f"cannot read {path.relative_to(ROOT)}: {err}") from None
 
 
 # Filled by main(): settings.toml (model, paths) and infra/azure.toml (subscription, group, region).
@@ -461,8 +457,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        SETTINGS.update(load_toml(ROOT / "settings.toml"))
-        AZURE.update(load_toml(INFRA / "azure.toml").get("azure", {}))
+        SETTINGS.update(load_settings(ROOT / "settings.toml"))
+        AZURE.update(load_settings(INFRA / "azure.toml").get("azure", {}))
         if not (AZURE.get("resource_group") and AZURE.get("location")):
             raise Failure("infra/azure.toml needs [azure] resource_group and location")
         return COMMANDS[args.command][0](args)
