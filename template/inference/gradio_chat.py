@@ -112,7 +112,8 @@ def evaluation_summary(adapter: Path) -> str:
         report = json.loads((adapter / "eval.json").read_text("utf-8"))
         base, tuned = report["base"], report["tuned"]
         if "exact_match" in tuned:
-            result = f"exact match {base['exact_match']:.1%} (base) → {tuned['exact_match']:.1%} (fine-tuned)"
+            base_em, tuned_em = 100 * base["exact_match"], 100 * tuned["exact_match"]
+            result = f"exact match {base_em:.1f} % (base) → {tuned_em:.1f} % (fine-tuned)"
         else:
             result = f"perplexity {base['perplexity']:.2f} (base) → {tuned['perplexity']:.2f} (fine-tuned)"
         return f"Held-out evaluation on {report['held_out_rows']} rows it never trained on: {result}."
@@ -200,10 +201,12 @@ def create_app(engine: Any, api_key: str | None, description: str | None = None)
         head = {"id": cid, "created": created, "model": engine.model_name}
         # The engine's worker thread hands each piece to this event loop.
         loop, items = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(item: Any) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
         try:
-            job = engine.submit(
-                req["messages"], on_item=lambda item: loop.call_soon_threadsafe(items.put_nowait, item), **req["options"]
-            )
+            job = engine.submit(req["messages"], on_item=deliver, **req["options"])
         except EngineError as err:  # shutting down
             raise ApiError(503, str(err), code="server_shutting_down") from None
         answer = pieces(request, job, items)
