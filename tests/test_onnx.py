@@ -174,10 +174,10 @@ for name, baseonly in (("adapter", False), ("base", True)):
         answer = "".join(engine.stream(to_messages(row)[:-1], max_new_tokens=4, stats=stats)).strip()
         right += answer == row["tone"]
         tone += answer in tones
-        assert stats["prompt_tokens"] == engine.last_prompt_tokens > 0
+        assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0
     result[name] = right / len(train)
     result[name + "_tone_word"] = tone / len(train)
-    result[name + "_finish"] = engine.last_finish_reason
+    result[name + "_finish"] = stats["finish_reason"]
     result[name + "_model"] = engine.model_name
 print(json.dumps(result))
 """
@@ -266,11 +266,12 @@ from engine import conversation
 from onnx_backend import OnnxEngine
 engine = OnnxEngine(baseonly=True, precision="fp32")
 messages = conversation([], "The puppy fell asleep on my lap again.")
-text = "".join(engine.stream(messages, max_new_tokens=6))
-first = [engine.last_completion_tokens, engine.last_finish_reason]
+stats, again = {}, {}
+text = "".join(engine.stream(messages, max_new_tokens=6, stats=stats))
+first = [stats["completion_tokens"], stats["finish_reason"]]
 stop = text[3:6]
-pieces = list(engine.stream(messages, max_new_tokens=6, stop=["never printed", stop]))
-print(json.dumps({"first": first, "text": text, "stop": stop, "pieces": pieces, "reason": engine.last_finish_reason}))
+pieces = list(engine.stream(messages, max_new_tokens=6, stop=["never printed", stop], stats=again))
+print(json.dumps({"first": first, "text": text, "stop": stop, "pieces": pieces, "reason": again["finish_reason"]}))
 """
     run = run_py(exported, "-c", script)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -329,13 +330,14 @@ sys.path.insert(0, "inference")
 from engine import conversation
 from onnx_backend import EngineError, OnnxEngine
 engine = OnnxEngine(baseonly=True)
-answer = engine.reply(conversation([], "The puppy fell asleep on my lap again."), max_new_tokens=3)
+stats = {}
+answer = engine.reply(conversation([], "The puppy fell asleep on my lap again."), max_new_tokens=3, stats=stats)
 try:
     OnnxEngine()
     error = ""
 except EngineError as err:
     error = str(err)
-print(json.dumps({"path": str(engine.path), "tokens": engine.last_completion_tokens, "error": error}))
+print(json.dumps({"path": str(engine.path), "tokens": stats["completion_tokens"], "error": error}))
 """
     run = run_py(ws, "-c", script)
     assert run.returncode == 0, run.stderr[-3000:]
