@@ -4,8 +4,8 @@
     python finetuning/invoke_olive.py --cpu-lora # a QLoRA workspace on a machine without CUDA
     python finetuning/invoke_olive.py --no-eval  # skip the held-out evaluation at the end
 
-Paths, dataset and prompt format come from settings.toml; hyperparameters from the Olive
-config. A run that is interrupted resumes from its last checkpoint when started again; a run
+Paths, dataset and prompt format come from settings.toml (--settings picks another file);
+hyperparameters from the Olive config. A run that is interrupted resumes from its last checkpoint when started again; a run
 whose data, prompt or config changed starts afresh (its checkpoints and Olive cache are keyed
 by a fingerprint of all of those).
 """
@@ -24,15 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tuner.data import DatasetError, check_lengths, check_rows, load_rows, split_rows
+from tuner.evaluation import evaluate, split_params
+from tuner.settings import in_workspace, settings_for_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "finetuning"))
-
-from settings import load_settings  # noqa: E402
-
-SETTINGS = load_settings()
-
-from data import DatasetError, check_lengths, check_rows, load_rows, split_rows  # noqa: E402
-from evaluate_adapter import evaluate  # noqa: E402
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -61,34 +57,37 @@ def preflight_qlora() -> None:
         fail(f"QLoRA needs a CUDA GPU and torch sees none (torch {torch.__version__}), {fix}")
 
 
-def fingerprint(config: dict[str, Any]) -> str:
+def fingerprint(config: dict[str, Any], settings: dict[str, Any]) -> str:
     """What decides the result: config, dataset bytes, prompt settings, our code, base model."""
+    import tuner.data
+
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    digest.update(json.dumps([SETTINGS["dataset"], SETTINGS["prompt"]], sort_keys=True).encode())
-    dataset = Path(SETTINGS["dataset"]["path"])
-    dataset = dataset if dataset.is_absolute() else ROOT / dataset
-    if SETTINGS["dataset"]["source"] != "huggingface":
-        digest.update(dataset.read_bytes())
-    for name in ("data.py", "user_script.py"):
-        digest.update((ROOT / "finetuning" / name).read_bytes())
-    digest.update((ROOT / SETTINGS["model"]["path"] / "config.json").read_bytes())
+    digest.update(json.dumps([settings["dataset"], settings["prompt"]], sort_keys=True).encode())
+    if settings["dataset"]["source"] != "huggingface":
+        digest.update(in_workspace(ROOT, settings["dataset"]["path"]).read_bytes())
+    for code in (Path(tuner.data.__file__), ROOT / "finetuning" / "user_script.py"):
+        digest.update(code.read_bytes())
+    digest.update((in_workspace(ROOT, settings["model"]["path"]) / "config.json").read_bytes())
     return digest.hexdigest()[:12]
 
 
-def fill_paths(config: dict[str, Any], fp: str) -> Path:
-    """Put the paths from settings.toml into the Olive config; run `fp` gets its own
+def fill_paths(config: dict[str, Any], fp: str, settings: dict[str, Any], settings_path: Path) -> Path:
+    """Put the paths from the settings into the Olive config; run `fp` gets its own
     checkpoints, cache and staging folder, so a changed run never reuses a stale one.
     Returns the checkpoint folder."""
-    out = SETTINGS["finetuning"]
-    config["input_model"]["model_path"] = str(ROOT / SETTINGS["model"]["path"])
+    out = settings["finetuning"]
+    config["input_model"]["model_path"] = str(in_workspace(ROOT, settings["model"]["path"]))
     for data_config in config["data_configs"]:
         data_config["user_script"] = str(ROOT / data_config["user_script"])
         data_config["script_dir"] = str(ROOT / data_config["script_dir"])
-    checkpoints = ROOT / out["checkpoint_dir"] / fp
+        # The user script's components read the same settings file as this run.
+        for component in ("load_dataset_config", "pre_process_data_config"):
+            data_config[component]["params"]["settings_path"] = str(settings_path.resolve())
+    checkpoints = in_workspace(ROOT, out["checkpoint_dir"]) / fp
     for pass_config in config["passes"].values():
         pass_config["training_args"]["output_dir"] = str(checkpoints)
-    config["cache_dir"] = str(ROOT / out["cache_dir"] / fp)
-    config["output_dir"] = str(ROOT / out["output_dir"] / f".run-{fp}")
+    config["cache_dir"] = str(in_workspace(ROOT, out["cache_dir"]) / fp)
+    config["output_dir"] = str(in_workspace(ROOT, out["output_dir"]) / f".run-{fp}")
     return checkpoints
 
 
@@ -174,32 +173,35 @@ def plot_loss(log_history: list[dict[str, Any]], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / SETTINGS["finetuning"]["olive_config"])
+    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+    parser.add_argument("--config", type=Path, help="the Olive config (default: [finetuning] olive_config)")
     parser.add_argument("--cpu-lora", action="store_true", help="run a QLoRA config as LoRA in float32")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints and start over")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation, base vs fine-tuned")
     args = parser.parse_args()
+    settings = settings_for_script(args.settings)
+    config_path = args.config or in_workspace(ROOT, settings["finetuning"]["olive_config"])
 
     # 1. Check everything cheap before loading anything heavy or writing anything.
     try:
-        config = json.loads(args.config.read_text("utf-8"))
+        config = json.loads(config_path.read_text("utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        fail(f"cannot read the Olive config {args.config}: {err}")
+        fail(f"cannot read the Olive config {config_path}: {err}")
     finetune = config["passes"]
     try:
-        rows = load_rows()
-        check_rows(rows)
-        split_rows(rows, _eval_split(config), _data_seed(config))
+        rows = load_rows(settings, ROOT)
+        check_rows(rows, settings)
+        split_rows(rows, *split_params(config))
     except DatasetError as err:
         fail(str(err), code=2)
-    model_path = ROOT / SETTINGS["model"]["path"]
+    model_path = in_workspace(ROOT, settings["model"]["path"])
     if not (model_path / "config.json").is_file():
         fail(f"base model not found in {model_path}: run `python setup/download_model.py` first")
     from transformers import AutoTokenizer
 
     try:  # an answer cut off by max_seq_len teaches nothing: find out now, not inside Olive
         max_seq_len = config["data_configs"][0]["pre_process_data_config"]["params"]["max_seq_len"]
-        warning = check_lengths(AutoTokenizer.from_pretrained(model_path), rows, max_seq_len)
+        warning = check_lengths(AutoTokenizer.from_pretrained(model_path), rows, max_seq_len, settings)
     except DatasetError as err:
         fail(str(err), code=2)
     if warning:
@@ -212,20 +214,20 @@ def main() -> None:
     if any(p["type"] == "QLoRA" for p in finetune.values()):
         preflight_qlora()
 
-    # 2. One run at a time per workspace; fill in the paths from settings.toml; key checkpoints
+    # 2. One run at a time per workspace; fill in the paths from the settings; key checkpoints
     # and cache by the fingerprint.
     take_lock(ROOT / "models" / ".finetune.lock")
-    adapter = ROOT / SETTINGS["inference"]["adapter_path"]
+    adapter = in_workspace(ROOT, settings["inference"]["adapter_path"])
     recover_adapter(adapter)
-    fp = fingerprint(config)
-    checkpoints = fill_paths(config, fp)
+    fp = fingerprint(config, settings)
+    checkpoints = fill_paths(config, fp, settings, args.settings)
     staging = Path(config["output_dir"])
     if args.fresh:
         shutil.rmtree(checkpoints, ignore_errors=True)
         shutil.rmtree(config["cache_dir"], ignore_errors=True)
 
     os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
-    if SETTINGS["model"]["id"] == "tiny-random":
+    if settings["model"]["id"] == "tiny-random":
         import torch
 
         torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
@@ -235,7 +237,7 @@ def main() -> None:
         for pass_config in finetune.values():
             pass_config["training_args"]["resume_from_checkpoint"] = str(last)
     else:
-        print(f"Fine-tuning {SETTINGS['model']['id']} on {len(rows)} rows (run {fp})", flush=True)
+        print(f"Fine-tuning {settings['model']['id']} on {len(rows)} rows (run {fp})", flush=True)
 
     # 3. Train. Olive prints progress and the loss as it goes.
     import torch
@@ -270,16 +272,7 @@ def main() -> None:
 
     # 5. Score base vs fine-tuned on the rows held out of training (writes adapter/eval.json).
     if not args.no_eval:
-        evaluate(config, adapter, _eval_split(config), _data_seed(config))
-
-
-def _eval_split(config: dict[str, Any]) -> float:
-    params = config["data_configs"][0]["load_dataset_config"]["params"]
-    return float(params["eval_split"])
-
-
-def _data_seed(config: dict[str, Any]) -> int:
-    return int(config["data_configs"][0]["load_dataset_config"]["params"]["data_seed"])
+        evaluate(config, adapter, settings, ROOT)
 
 
 def _train_seed(config: dict[str, Any]) -> int:

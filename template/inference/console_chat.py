@@ -11,12 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from tuner.backends import load_engine
+from tuner.chat import EngineError, conversation
+from tuner.settings import settings_for_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "finetuning"))
-
-from settings import load_settings  # noqa: E402
-
-SETTINGS = load_settings()
 
 
 NOT_TEXT = "that input is not valid text in the terminal's encoding"
@@ -33,38 +32,33 @@ def is_text(text: str) -> bool:
 
 
 def main() -> None:
-    defaults = SETTINGS["inference"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
     parser.add_argument("--baseonly", action="store_true", help="chat with the base model, no adapter")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system message (default: the one the model was fine-tuned with)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
-    parser.add_argument("--temperature", type=float, default=defaults["temperature"])
-    parser.add_argument("--top-p", type=float, default=defaults["top_p"])
-    parser.add_argument("--top-k", type=int, default=defaults["top_k"])
-    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults["backend"])
+    # Generation options default to the settings' [inference] table.
+    for option, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int)):
+        parser.add_argument("--" + option.replace("_", "-"), type=kind, help=f"default: [inference] {option}")
+    parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [inference] backend")
     args = parser.parse_args()
     if args.prompt is not None and not is_text(args.prompt):
         sys.exit(f"error: {NOT_TEXT}")
-
-    sys.path.insert(0, str(ROOT / "inference"))
-    from engine import EngineError, conversation, load_engine
+    settings = settings_for_script(args.settings)
+    options = {
+        name: settings["inference"][name] if getattr(args, name) is None else getattr(args, name)
+        for name in ("max_new_tokens", "temperature", "top_p", "top_k")
+    }
 
     try:
-        engine = load_engine(args.backend, args.baseonly)
+        engine = load_engine(settings, ROOT, args.backend, args.baseonly)
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    options = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-    }
 
     if args.prompt is not None:
         try:
-            for piece in engine.stream(conversation([], args.prompt, args.system), **options):
+            for piece in engine.stream(conversation([], args.prompt, settings, args.system), **options):
                 print(piece, end="", flush=True)
         except EngineError as err:
             sys.exit(f"\nerror: {err}")
@@ -86,7 +80,7 @@ def main() -> None:
             if not is_text(text):
                 print(f"error: {NOT_TEXT}; type it again")
                 continue
-            messages = conversation(history, text, args.system)
+            messages = conversation(history, text, settings, args.system)
             print("Model: ", end="", flush=True)
             answer = ""
             try:

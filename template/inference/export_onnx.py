@@ -32,18 +32,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tuner.onnx_engine import ADAPTER_FILE, export_dir
+from tuner.settings import in_workspace, settings_for_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "finetuning"))
-
-from settings import load_settings  # noqa: E402
-
-SETTINGS = load_settings()
-ONNX = SETTINGS.get("onnx", {})
 
 PRECISIONS = ["int4", "fp16", "fp32"]
 # settings.toml's platform -> onnxruntime-genai execution provider.
 PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "windows-gpu": "dml"}
-ADAPTER_FILE = "adapter.onnx_adapter"
 ADAPTER_NAME = "finetuned"
 # The model builder names the two LoRA MatMuls of a projection <projection>/lora_A/MatMul and
 # <projection>/lora_B/MatMul; it splits packed projections (qkv_proj, gate_up_proj) first.
@@ -95,7 +91,7 @@ def lm_head_by_identity() -> Iterator[None]:
     another layer happens to have that width (tiny-random: gate_up_proj is 2 x 512 = 1024 =
     its vocabulary), it emits a second head mid-network and the logits come out wrong. While
     building, accept only the model's own output embedding as the head."""
-    import onnxruntime_genai.models.builder  # noqa: F401  (puts its folder on sys.path)
+    import onnxruntime_genai.models.builder  # noqa: F401  (makes its `builders` modules importable)
 
     # The builder imports its modules as top-level `builders.*`: patch the class it uses.
     base = sys.modules.get("builders.base") or importlib.import_module("onnxruntime_genai.models.builders.base")
@@ -181,35 +177,43 @@ def merge(base: Path, adapter: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precision", choices=PRECISIONS, default=ONNX.get("precision", "int4"))
+    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+    parser.add_argument("--precision", choices=PRECISIONS, help="default: [onnx] precision, else int4")
     parser.add_argument(
         "--execution-provider",
         choices=sorted(set(PROVIDERS.values())),
-        default=ONNX.get("execution_provider") or PROVIDERS.get(SETTINGS["model"]["platform"], "cpu"),
-        help="where the model will run (default: from the workspace platform)",
+        help="where the model will run (default: [onnx] execution_provider, else from the platform)",
     )
     parser.add_argument("--skip-merged", action="store_true", help="do not build the merged model")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failed build")
     args = parser.parse_args()
+    settings = settings_for_script(args.settings)
+    onnx, model_id = settings.get("onnx", {}), settings["model"]["id"]
+    args.precision = args.precision or onnx.get("precision", "int4")
+    args.execution_provider = (
+        args.execution_provider
+        or onnx.get("execution_provider")
+        or PROVIDERS.get(settings["model"]["platform"], "cpu")
+    )
 
-    base = ROOT / SETTINGS["model"]["path"]
-    adapter = ROOT / SETTINGS["inference"]["adapter_path"]
+    base = in_workspace(ROOT, settings["model"]["path"])
+    adapter = in_workspace(ROOT, settings["inference"]["adapter_path"])
     if not (base / "config.json").is_file():
         fail(f"base model not found in {base}: run `python setup/download_model.py` first")
     if not (adapter / "adapter_config.json").is_file():
         fail(f"adapter not found in {adapter}: run `python finetuning/invoke_olive.py` first")
-    out_root = ROOT / ONNX.get("output_dir", "models/onnx")
-    out = out_root / args.precision
+    out = export_dir(settings, ROOT, args.precision)
+    out_root = out.parent
     staging = out_root / f".staging-{args.precision}"
     shutil.rmtree(staging, ignore_errors=True)
     raw, cache = staging / "raw", staging / "cache"
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the Hub
-    if SETTINGS["model"]["id"] == "tiny-random":
+    if model_id == "tiny-random":
         import torch
 
         torch.set_num_threads(1)
-    print(f"Building {SETTINGS['model']['id']} + adapter, {args.precision}, for {args.execution_provider}", flush=True)
+    print(f"Building {model_id} + adapter, {args.precision}, for {args.execution_provider}", flush=True)
     try:
         build(base, raw, args.precision, args.execution_provider, cache, adapter)
         count = extract_adapter(raw, staging / "model")
@@ -237,7 +241,7 @@ def main() -> None:
             raise
         fail(f"the ONNX export failed: {type(err).__name__}: {err}")
     info: dict[str, Any] = {
-        "model": SETTINGS["model"]["id"],
+        "model": model_id,
         "precision": args.precision,
         "execution_provider": args.execution_provider,
         "adapter_file": ADAPTER_FILE,

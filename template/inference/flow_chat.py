@@ -1,12 +1,13 @@
 """The prompt flow node (flow.dag.yaml): one answer from the same engine as the chat scripts."""
 
-import sys
 from functools import cache
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tuner.backends import load_engine
+from tuner.chat import ChatEngine, conversation
+from tuner.settings import settings_for_script
 
-from engine import Engine, conversation  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 try:  # promptflow is optional: the node is a plain function without it
     from promptflow.core import tool
@@ -17,8 +18,9 @@ except ImportError:
 
 
 @cache
-def _engine() -> Engine:
-    return Engine()
+def _engine() -> ChatEngine:
+    """Loaded at the first question, with the backend settings.toml names."""
+    return load_engine(settings_for_script(ROOT / "settings.toml"), ROOT)
 
 
 @tool
@@ -31,7 +33,8 @@ def chat(question: str, chat_history: list | None = None) -> str:
         else:  # promptflow chat history: turns with "inputs" and "outputs" dicts
             history.append({"role": "user", "content": turn["inputs"]["question"]})
             history.append({"role": "assistant", "content": turn["outputs"]["answer"]})
-    return _engine().reply(conversation(history, question))
+    engine = _engine()
+    return engine.reply(conversation(history, question, engine.settings))
 
 
 if __name__ == "__main__":

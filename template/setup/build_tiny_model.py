@@ -3,7 +3,7 @@
 It needs no network, so the whole pipeline (fine-tune, chat, serve) can be tried and tested in
 a minute on a laptop CPU. The weights are random: the model knows nothing until fine-tuned.
 
-    python setup/build_tiny_model.py [--out model-cache/tiny-random]
+    python setup/build_tiny_model.py [--out model-cache/tiny-random] [--settings settings.toml]
 """
 
 from __future__ import annotations
@@ -12,29 +12,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from tuner.data import DatasetError, load_rows
+from tuner.settings import in_workspace, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "finetuning"))
-
-from settings import load_settings  # noqa: E402
-
-SETTINGS = load_settings()
-
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Phi-3's chat format, kept in its own file because it is Jinja, not Python.
-CHAT_TEMPLATE = (ROOT / "setup" / "chat_template.jinja").read_text("utf-8").rstrip("\n")
+CHAT_TEMPLATE_FILE = ROOT / "setup" / "chat_template.jinja"
 
 
-def corpus_texts() -> list[str]:
+def corpus_texts(settings: dict[str, Any]) -> list[str]:
     """Every string of the dataset (all columns, all messages) and the system prompt."""
-    sys.path.insert(0, str(ROOT / "finetuning"))
-    from data import DatasetError, load_rows
-
     try:
-        rows = load_rows()
+        rows = load_rows(settings, ROOT)
     except DatasetError as err:
         sys.exit(f"error: {err}")
-    texts = [SETTINGS["prompt"]["system"], SETTINGS["prompt"]["text_template"]]
+    texts = [settings["prompt"]["system"], settings["prompt"]["text_template"]]
     for row in rows:
         for value in row.values():
             if isinstance(value, list):  # chat messages
@@ -46,10 +41,13 @@ def corpus_texts() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / SETTINGS["model"]["path"], help="output folder")
+    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+    parser.add_argument("--out", type=Path, help="output folder (default: [model] path)")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    settings = settings_for_script(args.settings)
+    out = args.out or in_workspace(ROOT, settings["model"]["path"])
 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,11 +63,12 @@ def main() -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus_texts(), trainer=trainer)
+    tok.train_from_iterator(corpus_texts(settings), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token=None
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    chat_template = CHAT_TEMPLATE_FILE.read_text("utf-8").rstrip("\n")
+    tokenizer.chat_template = chat_template
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")]
 
     torch.manual_seed(args.seed)
@@ -92,18 +91,18 @@ def main() -> None:
     model.generation_config.eos_token_id = eos_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     # transformers 5 reads chat_template.jinja; 4.x reads tokenizer_config.json: write both.
-    config_path = args.out / "tokenizer_config.json"
+    config_path = out / "tokenizer_config.json"
     tok_config = json.loads(config_path.read_text("utf-8"))
-    tok_config["chat_template"] = CHAT_TEMPLATE
+    tok_config["chat_template"] = chat_template
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(tok_config, indent=2), "utf-8")
-    (args.out / "chat_template.jinja").write_text(CHAT_TEMPLATE, "utf-8")
+    (out / "chat_template.jinja").write_text(chat_template, "utf-8")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tiny-random: {n_params:,} parameters, vocabulary {len(tokenizer)}, saved to {args.out}")
+    print(f"tiny-random: {n_params:,} parameters, vocabulary {len(tokenizer)}, saved to {out}")
 
 
 if __name__ == "__main__":

@@ -18,15 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.hub import HubError, fetch
+from tuner.settings import settings_for_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "finetuning"))
-
-from settings import load_settings  # noqa: E402
-
-SETTINGS = load_settings()
-sys.path.insert(0, str(ROOT / "setup"))
-
-from download_model import fail, fetch  # noqa: E402  (the one Hub download, with its error lines)
 
 
 class NoOnnxBuild(Exception):
@@ -70,28 +65,32 @@ def plan_download(onnx: dict[str, Any] | None, platform: str, model_id: str = "t
 
 
 def download(plan: Plan) -> None:
-    """Fetch the variant's files (resuming partial downloads); one line and exit 1 on failure."""
+    """Fetch the variant's files (resuming partial downloads); HubError says what failed."""
     fetch(plan.repo, plan.revision, plan.dest, plan.allow_patterns)
     if not (plan.model_dir / "genai_config.json").is_file():
-        fail(f"{plan.repo} has no ONNX model in {plan.variant}/ (no genai_config.json): check [onnx] variant")
+        raise HubError(f"{plan.repo} has no ONNX model in {plan.variant}/ (no genai_config.json): check [onnx] variant")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
     parser.add_argument("--dry-run", action="store_true", help="print what would be downloaded and stop")
     args = parser.parse_args()
-
-    model = SETTINGS["model"]
+    settings = settings_for_script(args.settings)
+    model = settings["model"]
     try:
-        plan = plan_download(SETTINGS.get("onnx", {}), model["platform"], model["id"])
+        plan = plan_download(settings.get("onnx", {}), model["platform"], model["id"])
     except NoOnnxBuild as err:
-        fail(str(err))
+        sys.exit(f"error: {err}")
     where = plan.model_dir.relative_to(ROOT) if plan.model_dir.is_relative_to(ROOT) else plan.model_dir
     if args.dry_run:
         print(f"would download {plan.repo} files {plan.allow_patterns[0]} to {where}")
         return
     print(f"Downloading {plan.repo}/{plan.variant} to {where}", flush=True)
-    download(plan)
+    try:
+        download(plan)
+    except HubError as err:
+        sys.exit(f"error: {err}")
     print(f"Done: {where}")
 
 

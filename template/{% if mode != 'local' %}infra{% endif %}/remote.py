@@ -30,11 +30,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from tuner.settings import SettingsError, load_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-sys.path.insert(0, str(ROOT / "finetuning"))
-
-from settings import load_settings  # noqa: E402  (one-line errors for broken or conflicted files)
 
 # The same names as in provision/*.bicep (hfTokenSecretName, apiKeySecretName, container names).
 HF_SECRET = "hf-token"
@@ -462,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (AZURE.get("resource_group") and AZURE.get("location")):
             raise Failure("infra/azure.toml needs [azure] resource_group and location")
         return COMMANDS[args.command][0](args)
-    except Failure as err:
+    except (Failure, SettingsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

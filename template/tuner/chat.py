@@ -1,29 +1,20 @@
-"""The one chat engine behind every front-end (console, web page, OpenAI-compatible API).
+"""The chat engine base behind every front-end (console, web page, OpenAI-compatible API).
 
-It loads the base model and the fine-tuned adapter named in settings.toml, formats the
-conversation with the model's own chat template (the format it was fine-tuned with), and
-streams the answer token by token until an end-of-turn token, a stop string or the limit.
-One generation runs at a time, in a worker thread: callers queue jobs, so outputs never mix,
-and a caller that goes away cancels its job.
+It formats the conversation as the model was fine-tuned (the workspace's prompt format, then the
+model's own chat template) and streams the answer token by token until an end-of-turn token, a
+stop string or the limit. One generation runs at a time, in a worker thread: callers queue jobs,
+so outputs never mix, and a caller that goes away cancels its job. Backends (torch_engine,
+onnx_engine) only supply the model's next tokens.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import queue
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "finetuning"))
-
-from data import system_messages, user_message  # noqa: E402
-from settings import load_settings  # noqa: E402
-
-SETTINGS = load_settings()
+from tuner.data import system_messages, user_message
 
 # End-of-turn tokens of the catalog's chat templates (Phi-3, Llama 3, Qwen 2.5, Mistral).
 END_TOKENS = ["<|end|>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>", "</s>"]
@@ -33,21 +24,25 @@ class EngineError(Exception):
     """Something to do first (download, fine-tune), said in one line."""
 
 
-def formatted(messages: list[dict[str, str]], system: str | None = None) -> list[dict[str, str]]:
+def formatted(
+    messages: list[dict[str, str]], settings: dict[str, Any], system: str | None = None
+) -> list[dict[str, str]]:
     """Messages as the model was fine-tuned on them: user turns put into the training text
     template, and the configured system message unless `system` or the messages bring one."""
     out = [
-        {"role": m["role"], "content": user_message(m["content"]) if m["role"] == "user" else m["content"]}
+        {"role": m["role"], "content": user_message(m["content"], settings) if m["role"] == "user" else m["content"]}
         for m in messages
     ]
     if any(m["role"] == "system" for m in out):
         return out
-    return ([{"role": "system", "content": system}] if system else system_messages()) + out
+    return ([{"role": "system", "content": system}] if system else system_messages(settings)) + out
 
 
-def conversation(history: list[dict[str, str]], text: str, system: str | None = None) -> list[dict[str, str]]:
+def conversation(
+    history: list[dict[str, str]], text: str, settings: dict[str, Any], system: str | None = None
+) -> list[dict[str, str]]:
     """Messages for a new user turn after `history` (turns as the user typed them)."""
-    return formatted([*history, {"role": "user", "content": text}], system)
+    return formatted([*history, {"role": "user", "content": text}], settings, system)
 
 
 def shown_length(text: str, stop: list[str]) -> int:
@@ -60,15 +55,6 @@ def shown_length(text: str, stop: list[str]) -> int:
                 ready = min(ready, len(text) - k)
                 break
     return ready
-
-
-def load_engine(backend: str = "torch", baseonly: bool = False) -> ChatEngine:
-    """The engine for `backend` (torch or onnx); EngineError says what to run first."""
-    if backend == "onnx":
-        from onnx_backend import OnnxEngine
-
-        return OnnxEngine(baseonly=baseonly)
-    return Engine(baseonly=baseonly)
 
 
 class PromptTooLong(EngineError):
@@ -122,6 +108,7 @@ class ChatEngine:
     end_ids: set[int]
     context: int
     model_name: str
+    settings: dict[str, Any]
 
     def __init__(self) -> None:
         self.jobs: queue.Queue[Job] = queue.Queue()
@@ -237,79 +224,3 @@ class ChatEngine:
                 sent = text[:ready]
         if len(text) > len(sent):
             yield text[len(sent) :]
-
-
-class Engine(ChatEngine):
-    """transformers (+ peft): the base model and the fine-tuned adapter."""
-
-    def __init__(self, baseonly: bool = False) -> None:
-        super().__init__()
-        model_path = ROOT / SETTINGS["model"]["path"]
-        adapter_path = ROOT / SETTINGS["inference"]["adapter_path"]
-        if not (model_path / "config.json").is_file():
-            raise EngineError(f"base model not found in {model_path}: run `python setup/download_model.py` first")
-        if not baseonly and not (adapter_path / "adapter_config.json").is_file():
-            raise EngineError(
-                f"adapter not found in {adapter_path}: run `python finetuning/invoke_olive.py` first "
-                "(or chat with the base model: --baseonly)"
-            )
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.torch = torch
-        cuda = torch.cuda.is_available()
-        self.device = "cuda" if cuda else "cpu"
-        load: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-        # Load the base in 4-bit only where it was fine-tuned that way (QLoRA on CUDA).
-        if SETTINGS["inference"]["load_in_4bit"] and cuda and importlib.util.find_spec("bitsandbytes"):
-            from transformers import BitsAndBytesConfig
-
-            load["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
-            )
-        if SETTINGS["model"]["id"] == "tiny-random":
-            torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, **load)
-        if not baseonly:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_path)
-        self.model = model.to(self.device) if "quantization_config" not in load else model
-        self.model.eval()
-        self.model_name = SETTINGS["model"]["id"] + ("" if baseonly else "-finetuned")
-        vocab = self.tokenizer.get_vocab()
-        ends = {vocab[t] for t in END_TOKENS if t in vocab}
-        eos = self.model.generation_config.eos_token_id
-        ends.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.end_ids = ends
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 4096))
-
-    def _next_token(self, logits: Any, temperature: float, top_p: float, top_k: int) -> int:
-        torch = self.torch
-        if temperature <= 0:
-            return int(logits.argmax())
-        logits = logits.float() / temperature
-        if 0 < top_k < logits.numel():
-            logits[logits < torch.topk(logits, top_k).values[-1]] = -float("inf")
-        probs = torch.softmax(logits, dim=-1)
-        if top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            drop = sorted_probs.cumsum(0) - sorted_probs > top_p
-            sorted_probs[drop] = 0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        return int(torch.multinomial(probs / probs.sum(), 1))
-
-    def tokens(
-        self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int
-    ) -> Iterator[int]:
-        torch = self.torch
-        past = None
-        inputs = torch.tensor([ids], device=self.device)
-        with torch.inference_mode():
-            for _ in range(max_new_tokens):
-                out = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = self._next_token(out.logits[0, -1], temperature, top_p, top_k)
-                yield token
-                inputs = torch.tensor([[token]], device=self.device)

