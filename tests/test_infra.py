@@ -212,10 +212,13 @@ def test_job_command_is_written_once(ws: Path) -> None:
     job = (ws / "infra" / "job.sh").read_text("utf-8")
     # prepare.sh (shared with serve.sh) installs the requirements; job.sh sources it first.
     job = job.replace('source "$(dirname "$0")/prepare.sh"', (ws / "infra" / "prepare.sh").read_text("utf-8"))
-    steps = ["setup/requirements-cuda.txt", "setup/download_model.py", "finetuning/invoke_olive.py"]
+    # torch alone from its index, then the rest from the default index, then the work.
+    steps = ["-r setup/requirements-torch-cuda.txt", "-r setup/requirements-cuda.txt", "setup/download_model.py"]
+    steps.append("finetuning/invoke_olive.py")
     assert [job.index(s) for s in steps] == sorted(job.index(s) for s in steps)
     assert "set -euo pipefail" in job and "SKIP_PIP_INSTALL" in job
-    assert (ws / "setup" / "requirements-cuda.txt").is_file()
+    for name in ("requirements-torch-cuda.txt", "requirements-cuda.txt"):
+        assert (ws / "setup" / name).is_file()
     for path in (ws / "infra" / "provision").glob("*.parameters.json"):
         assert "invoke_olive" not in path.read_text("utf-8"), "the job's command lives in infra/job.sh only"
 
