@@ -336,9 +336,11 @@ def test_remote_py_is_clean_and_quick(ws: Path) -> None:
     commands += ["provision-inference", "deploy-inference", "endpoint"]
     for command in commands:
         assert command in proc.stdout
-    # Standard library only.
+    # Standard library only, and the workspace's settings loader, which is standard library only too.
     imports = re.findall(r"^(?:from|import) (\w+)", script.read_text("utf-8"), re.M)
-    assert set(imports) <= set(sys.stdlib_module_names) | {"__future__"}, imports
+    assert set(imports) <= set(sys.stdlib_module_names) | {"__future__", "settings"}, imports
+    loader = re.findall(r"^(?:from|import) (\w+)", (ws / "finetuning" / "settings.py").read_text("utf-8"), re.M)
+    assert set(loader) <= set(sys.stdlib_module_names) | {"__future__"}, loader
 
 
 def test_secret_names_match_between_bicep_and_tool(ws: Path) -> None:
