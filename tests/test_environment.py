@@ -3,7 +3,8 @@ command, the Makefile, the dev container, the editor settings, the workspace's o
 README whose files and commands all exist.
 
 The one pinned version set is includes/versions.yml; every requirement line checked here must
-come from it. The slow test installs the CPU requirements into a fresh venv for real.
+come from it. torch comes alone from the PyTorch index, the rest from the default index only.
+The slow test installs the CPU requirements into a fresh venv for real.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import time
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import jinja2
@@ -97,9 +100,9 @@ def pinned(req: Requirement) -> str:
 def expected_files(platform: str, mode: str) -> set[str]:
     files = {"requirements.txt"}
     if platform != "cpu" or mode != "local":
-        files.add("requirements-cuda.txt")
+        files |= {"requirements-cuda.txt", "requirements-torch-cuda.txt"}
     if platform == "cpu":
-        files.add("requirements-cpu.txt")
+        files |= {"requirements-cpu.txt", "requirements-torch-cpu.txt"}
     if platform == "windows-gpu":
         files.add("requirements-directml.txt")
     return files
@@ -171,12 +174,18 @@ def test_requirements_files(ws) -> None:
                 expected = expected or variants.get(req.name)
             assert version == expected, f"{name}: {req} does not match includes/versions.yml"
         names = set(reqs)
+        if name.startswith("requirements-torch-"):
+            # torch alone, from its index only: no other package ever waits on that index.
+            target = name.removeprefix("requirements-torch-").removesuffix(".txt")
+            assert options == [f"--index-url {VERSIONS['torch_index'][target]}"]
+            assert [str(r) for r in reqs.values()] == ["torch==2.13.0"]
+            continue
+        # Everything else names no index: it resolves from the default one (PyPI or a mirror).
+        assert options == [], f"{name}: {options}"
         if name == "requirements-cuda.txt":
-            assert options == [f"--extra-index-url {VERSIONS['torch_index']['cuda']}"]
             assert names == COMMON | {"torch", "bitsandbytes", "onnxruntime-genai-cuda"}
         elif name == "requirements-cpu.txt":
-            assert options == [f"--extra-index-url {VERSIONS['torch_index']['cpu']}"]
-            assert str(reqs["torch"]) == "torch==2.13.0"  # exactly: pip then takes the local CPU wheel
+            assert str(reqs["torch"]) == "torch==2.13.0"  # exactly: the installed +cpu build satisfies it
             method = settings_of(root)["finetuning"]["method"]
             assert ("bitsandbytes" in names) == (method == "qlora")
             assert names - {"bitsandbytes"} == COMMON | {"torch", "onnxruntime-genai"}
@@ -195,6 +204,7 @@ def test_cpu_qlora_would_get_bitsandbytes() -> None:
     assert "bitsandbytes==" not in macro("cpu", VERSIONS, "lora")
     assert "bitsandbytes==" in macro("cuda", VERSIONS, "lora")
     assert "torch==" not in macro("directml", VERSIONS, "qlora")
+    assert "index" not in macro("cpu", VERSIONS, "lora") + macro("cuda", VERSIONS, "lora")
 
 
 def test_conda_environment(ws) -> None:
@@ -202,17 +212,13 @@ def test_conda_environment(ws) -> None:
     env = yaml.safe_load((root / "setup" / "conda-environment.yml").read_text("utf-8"))
     answers_file = yaml.safe_load((root / ".copier-answers.yml").read_text("utf-8"))
     assert env["name"] == answers_file["env_name"]
-    deps = env["dependencies"]
-    assert f"python={VERSIONS['python']}" in deps and "pip" in deps
-    pip = next(d["pip"] for d in deps if isinstance(d, dict))
-    target = "requirements-cpu.txt" if answers["platform"] == "cpu" else "requirements-cuda.txt"
-    lines = [
-        line for line in (root / "setup" / target).read_text("utf-8").splitlines() if line and not line.startswith("#")
-    ]
-    assert pip == lines, "the conda file's pip list differs from " + target
-    for line in pip:
-        if not line.startswith("--"):
-            Requirement(line)
+    # Python and pip only: a conda file cannot order pip steps (torch from its index first), so
+    # setup.sh --conda installs the same two requirements files into it as into a venv.
+    assert env["dependencies"] == [f"python={VERSIONS['python']}", "pip"]
+    target = "cpu" if answers["platform"] == "cpu" else "cuda"
+    text = (root / "setup" / "conda-environment.yml").read_text("utf-8")
+    for name in (f"requirements-torch-{target}.txt", f"requirements-{target}.txt"):
+        assert f"setup/{name}" in text and (root / "setup" / name).is_file()
 
 
 def test_conda_env_name_answer(render_factory) -> None:
@@ -297,6 +303,7 @@ def test_setup_conda_create_then_update(setup_copy: Path, tmp_path: Path) -> Non
         f'echo "$*" >> {log}\n'
         f'if [ "$1 $2" = "env list" ]; then cat {envs}; exit 0; fi\n'
         'if [ "$1" = run ]; then while [ "$1" != python ]; do shift; done; shift; '
+        f'if [ "$1 $2" = "-m pip" ]; then echo "run python $*" >> {log}; exit 0; fi; '
         f'exec {PYTHON} "$@"; fi\n'
     )
     stub(tmp_path / "bin" / "conda", body)
@@ -311,7 +318,83 @@ def test_setup_conda_create_then_update(setup_copy: Path, tmp_path: Path) -> Non
         "env create --name my-finetune --file setup/conda-environment.yml",
         "env update --name my-finetune --file setup/conda-environment.yml --prune",
     ]
+    # The packages go into the conda environment as into a venv (torch is already at the pin here).
+    pip_calls = [c for c in log.read_text().splitlines() if c.startswith("run python")]
+    assert pip_calls == ["run python -m pip install --disable-pip-version-check -r setup/requirements.txt"] * 2
     assert not (setup_copy / ".venv").exists()
+
+
+TORCH_SKIPPED = f"torch {VERSIONS['torch']} already installed; skipping the PyTorch index"
+PIP = "-m pip install --disable-pip-version-check"
+
+
+@pytest.mark.parametrize("has_torch", [True, False], ids=["torch-at-pin", "no-torch"])
+def test_setup_uses_the_torch_index_only_without_torch(setup_copy: Path, tmp_path: Path, has_torch: bool) -> None:
+    """torch already at the pin (this test environment's CPU build): setup never runs pip on the
+    torch file, names no index, and says so in one line. Without torch (a bare venv): the torch
+    step first, with a short timeout and one retry, then the rest. pip is recorded, not run."""
+    if has_torch:
+        assert metadata.version("torch").split("+")[0] == VERSIONS["torch"]  # the premise, checked
+        python = PYTHON
+    else:
+        subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+        python = str(tmp_path / "bare" / "bin" / "python")
+    log = tmp_path / "argv.log"
+    stub(
+        setup_copy / ".venv" / "bin" / "python",
+        f'echo "$*" >> {log}\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {python} "$@"\n',
+    )
+    result = run_setup(setup_copy)
+    pip_calls = [c for c in log.read_text().splitlines() if c.startswith("-m pip")]
+    rest = f"{PIP} -r setup/requirements.txt"
+    if has_torch:
+        assert result.returncode == 0, result.stderr
+        assert TORCH_SKIPPED in result.stdout.splitlines()
+        assert pip_calls == [rest]
+        # Nothing that setup/requirements.txt pulls in names an index: all from the default one.
+        files, seen = ["requirements.txt"], []
+        while files:
+            seen.append(files.pop())
+            _, options, nested = read_requirements(setup_copy / "setup" / seen[-1])
+            assert options == [], f"{seen[-1]}: {options}"
+            files += nested
+        assert seen == ["requirements.txt", "requirements-cpu.txt"]
+    else:
+        assert TORCH_SKIPPED not in result.stdout
+        assert pip_calls == [f"{PIP} --timeout 10 --retries 1 -r setup/requirements-torch-cpu.txt", rest]
+        assert "No module named 'olive'" in result.stderr  # the bare venv then fails the final check
+
+
+def test_setup_fails_fast_when_the_torch_index_is_unreachable(setup_copy: Path) -> None:
+    """No torch, and a PyTorch index that accepts connections but never answers (a firewall that
+    drops packets): setup gives up after one retry of a 10 s timeout, with one line saying what to
+    do, where this environment's pip settings (timeout 180 s, 5 retries) would wait 18 minutes."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts, never answers
+        torch_file = setup_copy / "setup" / "requirements-torch-cpu.txt"
+        index = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+        torch_file.write_text(torch_file.read_text("utf-8").replace(VERSIONS["torch_index"]["cpu"], index), "utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+        env.update(PIP_CONFIG_FILE=os.devnull, PIP_DEFAULT_TIMEOUT="180", PIP_RETRIES="5", PYTHON=PYTHON)
+        start = time.monotonic()
+        result = subprocess.run(
+            ["bash", "setup/setup.sh"],
+            cwd=setup_copy,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        took = time.monotonic() - start
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert took < 90, f"{took:.0f} s"
+    assert result.stderr.count("Retrying") == 1 and "read timeout=10" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: torch 2.13.0 could not be installed from {index} (unreachable?); "
+        "install torch==2.13.0 another way, then run this again: it skips this step"
+    )
+    assert "Installing the pinned requirements" not in result.stdout
 
 
 # ---------------------------------------------------------------- Makefile
@@ -521,8 +604,9 @@ def test_cpu_requirements_install_fresh_venv(render_factory, tmp_path: Path) -> 
     root = tmp_path / "ws"
     shutil.copytree(render_factory(model="tiny-random", platform="cpu"), root)
     venv_python = root / ".venv" / "bin" / "python"
-    # The CPU index is unreachable here: fail over to PyPI at once instead of retrying.
-    env = {**os.environ, "PIP_RETRIES": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # The PyTorch index is unreachable here: torch comes from the default index first, so that
+    # setup.sh skips the PyTorch index, and the rest never names it.
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     start = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", ".venv"], cwd=root, check=True)
     torch = subprocess.run(
@@ -537,6 +621,7 @@ def test_cpu_requirements_install_fresh_venv(render_factory, tmp_path: Path) -> 
     first = run_setup(root, env=env)
     installed = time.monotonic() - start
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert TORCH_SKIPPED in first.stdout.splitlines()
     start = time.monotonic()
     second = run_setup(root, env=env)
     again = time.monotonic() - start

@@ -212,10 +212,13 @@ def test_job_command_is_written_once(ws: Path) -> None:
     job = (ws / "infra" / "job.sh").read_text("utf-8")
     # prepare.sh (shared with serve.sh) installs the requirements; job.sh sources it first.
     job = job.replace('source "$(dirname "$0")/prepare.sh"', (ws / "infra" / "prepare.sh").read_text("utf-8"))
-    steps = ["setup/requirements-cuda.txt", "setup/download_model.py", "finetuning/invoke_olive.py"]
+    # torch alone from its index, then the rest from the default index, then the work.
+    steps = ["-r setup/requirements-torch-cuda.txt", "-r setup/requirements-cuda.txt", "setup/download_model.py"]
+    steps.append("finetuning/invoke_olive.py")
     assert [job.index(s) for s in steps] == sorted(job.index(s) for s in steps)
     assert "set -euo pipefail" in job and "SKIP_PIP_INSTALL" in job
-    assert (ws / "setup" / "requirements-cuda.txt").is_file()
+    for name in ("requirements-torch-cuda.txt", "requirements-cuda.txt"):
+        assert (ws / "setup" / name).is_file()
     for path in (ws / "infra" / "provision").glob("*.parameters.json"):
         assert "invoke_olive" not in path.read_text("utf-8"), "the job's command lives in infra/job.sh only"
 
@@ -333,9 +336,11 @@ def test_remote_py_is_clean_and_quick(ws: Path) -> None:
     commands += ["provision-inference", "deploy-inference", "endpoint"]
     for command in commands:
         assert command in proc.stdout
-    # Standard library only.
+    # Standard library only, and the workspace's settings loader, which is standard library only too.
     imports = re.findall(r"^(?:from|import) (\w+)", script.read_text("utf-8"), re.M)
-    assert set(imports) <= set(sys.stdlib_module_names) | {"__future__"}, imports
+    assert set(imports) <= set(sys.stdlib_module_names) | {"__future__", "settings"}, imports
+    loader = re.findall(r"^(?:from|import) (\w+)", (ws / "finetuning" / "settings.py").read_text("utf-8"), re.M)
+    assert set(loader) <= set(sys.stdlib_module_names) | {"__future__"}, loader
 
 
 def test_secret_names_match_between_bicep_and_tool(ws: Path) -> None:

@@ -369,6 +369,38 @@ def test_upload_leaves_out_models_caches_venvs_and_secrets(remote: Remote) -> No
     assert_secret_hidden(remote, proc, STORAGE_KEY)
 
 
+def test_upload_leaves_out_secret_files_at_any_depth_and_says_which(remote: Remote) -> None:
+    """Every kind on the documented list (infra/remote.py SECRET_FILES, SECRET_DIRS), at the top
+    and in subfolders, stays home; look-alikes and ordinary files still go; one line names them."""
+    remote.configure("finetuning")
+    secret_files = [
+        ".env",
+        ".env.production",
+        "sub/.env.local",
+        ".envrc",
+        "keys/server.pem",
+        "infra/tls.KEY",
+        ".netrc",
+        "dataset/.git-credentials",
+    ]
+    secret_dirs = [".huggingface/", ".azure/", ".ssh/", "sub/deeper/.ssh/"]
+    inside = {".huggingface/": "token", ".azure/": "config", ".ssh/": "id_rsa", "sub/deeper/.ssh/": "id_ed25519"}
+    ordinary = ["sub/notes.md", "keys/README.md", "environment.yml", "sub/keys.py", "dataset/pem.jsonl"]
+    for rel in [*secret_files, *(d + inside[d] for d in secret_dirs), *ordinary]:
+        (remote.ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (remote.ws / rel).write_text("ordinary" if rel in ordinary else TOKEN, "utf-8")
+    proc = remote.run("upload")
+    assert proc.returncode == 0, proc.stderr
+    files = set(remote.calls()[-1]["files"])
+    assert set(ordinary) <= files and "settings.toml" in files and "infra/remote.py" in files
+    leaked = [f for f in files if f in secret_files or any(f.startswith(d) for d in secret_dirs)]
+    assert not leaked, leaked
+    # Nothing uploaded carries the planted token (every secret file holds it).
+    assert not [f for f in files if TOKEN in (remote.ws / f).read_text("utf-8", errors="replace")]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("Left out, as they may hold secrets: ")]
+    assert line.split(": ", 1)[1].split(", ") == sorted(secret_files + secret_dirs)
+
+
 def test_run_finetuning_uploads_starts_and_prints_the_execution(remote: Remote) -> None:
     remote.configure("finetuning")
     proc = remote.run("run-finetuning")

@@ -17,6 +17,7 @@ Secrets (HF_TOKEN, the API key) reach az on its standard input, never a command 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import getpass
 import json
 import os
@@ -41,10 +42,17 @@ API_KEY_SECRET = "api-key"
 JOB_CONTAINER = "finetune"
 ENDED = {"Succeeded", "Failed", "Stopped", "Degraded"}
 # Never uploaded: big or rebuilt on the other side (models/ on the share is the job's output),
-# machine-specific, or secret.
+# or machine-specific.
 SKIP_TOP = {"model-cache", "models", ".cache"}
 SKIP_DIRS = {".git", "__pycache__", ".venv", "venv", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 SKIP_DIRS |= {"node_modules", ".ipynb_checkpoints"}
+# Never uploaded either, at any depth, because they may hold credentials: anyone with the storage
+# account's key reads the share, and the job needs none of them (HF_TOKEN reaches it as a secret).
+# Files: dotenv files `.env*` (.env, .env.local, .envrc), keys `*.pem` and `*.key`, `.netrc`,
+# git's credential store `.git-credentials`; folders: `.huggingface/`, `.azure/`, `.ssh/`.
+# Names match case-insensitively. README.md lists them too; upload prints the ones it left out.
+SECRET_FILES = (".env*", "*.pem", "*.key", ".netrc", ".git-credentials")
+SECRET_DIRS = {".huggingface", ".azure", ".ssh"}
 
 
 class Failure(Exception):
@@ -187,28 +195,38 @@ def storage_env(cfg: dict[str, str]) -> dict[str, str]:
     return {**os.environ, "AZURE_STORAGE_KEY": keys[0]["value"]}
 
 
-def workspace_files(extra: list[Path]) -> list[Path]:
+def is_secret(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name.lower(), pattern) for pattern in SECRET_FILES)
+
+
+def workspace_files(extra: list[Path]) -> tuple[list[Path], list[str]]:
+    """The files to upload, and the secret ones left out (relative paths, folders ending in /)."""
     files: list[Path] = []
-    for top, dirs, names in os.walk(ROOT):
-        here = Path(top)
-        dirs[:] = [
-            d
-            for d in dirs
-            if d not in SKIP_DIRS
-            and not (here == ROOT and d in SKIP_TOP)
-            and not (here / d / "pyvenv.cfg").exists()
-            and not (here / d / "conda-meta").exists()
-        ]
-        files += [here / n for n in names if not (n == ".env" or n.startswith(".env.") or n.endswith(".pyc"))]
-    for path in extra:
-        files += [p for p in path.rglob("*") if p.is_file()]
-    return files
+    secret: list[str] = []
+    for start in [ROOT, *extra]:
+        for top, dirs, names in os.walk(start):
+            here = Path(top)
+            secret += [f"{(here / d).relative_to(ROOT).as_posix()}/" for d in dirs if d.lower() in SECRET_DIRS]
+            dirs[:] = [
+                d
+                for d in dirs
+                if d not in SKIP_DIRS
+                and d.lower() not in SECRET_DIRS
+                and not (here == ROOT and d in SKIP_TOP)
+                and not (here / d / "pyvenv.cfg").exists()
+                and not (here / d / "conda-meta").exists()
+            ]
+            secret += [(here / n).relative_to(ROOT).as_posix() for n in names if is_secret(n)]
+            files += [here / n for n in names if not (is_secret(n) or n.endswith(".pyc"))]
+    return files, sorted(secret)
 
 
 def upload(cfg: dict[str, str], extra: list[Path] | None = None) -> None:
     """Copy the workspace to the share: stage the files to send, then one upload-batch."""
     env = storage_env(cfg)
-    files = workspace_files(extra or [])
+    files, secret = workspace_files(extra or [])
+    if secret:
+        info(f"Left out, as they may hold secrets: {', '.join(secret)}")
     with tempfile.TemporaryDirectory(prefix="remote-upload-") as stage:
         for path in files:
             target = Path(stage) / path.relative_to(ROOT)
@@ -423,7 +441,7 @@ COMMANDS = {
         "create the storage, GPU environment and fine-tuning job",
     ),
     "set-secret": (cmd_set_secret, "store HF_TOKEN (environment or hidden prompt) as the job's secret"),
-    "upload": (cmd_upload, "copy the workspace to the file share (no models, caches, venvs, .git)"),
+    "upload": (cmd_upload, "copy the workspace to the file share (no models, caches, venvs, .git, secrets)"),
     "run-finetuning": (cmd_run_finetuning, "upload the workspace and start a run; prints the run's name"),
     "status": (cmd_status, "show the latest runs and their state"),
     "logs": (cmd_logs, "follow a run's log until it ends, reconnecting when the stream drops"),
