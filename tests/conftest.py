@@ -48,6 +48,14 @@ def invalid_combinations() -> list[tuple[str, str, str]]:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _workspace_package_importable() -> None:
+    # A rendered workspace's scripts import its package, tuner/, which setup/setup.sh installs
+    # (pip install -e .). The tests run them with the test environment's Python instead, always
+    # from the workspace folder: a relative PYTHONPATH entry puts that folder's tuner/ first.
+    os.environ["PYTHONPATH"] = "."
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _isolate_copier_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
     # The user's own copier settings (defaults, trusted templates) must not leak into tests.
     settings = tmp_path_factory.mktemp("copier-settings") / "settings.yml"

@@ -78,11 +78,13 @@ def test_chat_messages(render_factory, tuned_workspace: Path, tmp_path: Path) ->
     check = run_py(
         ws,
         "-c",
-        "import sys; sys.path.insert(0, 'finetuning')\n"
-        "from data import load_rows, to_messages, encode\n"
+        "from pathlib import Path\n"
+        "from tuner.data import load_rows, to_messages, encode\n"
+        "from tuner.settings import load_settings\n"
         "from transformers import AutoTokenizer\n"
+        "s = load_settings(Path('settings.toml'))\n"
         "tok = AutoTokenizer.from_pretrained('model-cache/tiny-random')\n"
-        "e = encode(tok, to_messages(load_rows()[0]), 256)\n"
+        "e = encode(tok, to_messages(load_rows(s, Path('.'))[0], s), 256)\n"
         "print(repr(tok.decode([t for t in e['labels'] if t != -100])))",
     )
     assert check.returncode == 0, check.stderr[-2000:]
@@ -105,7 +107,13 @@ def test_hugging_face_dataset(render_factory, tuned_workspace: Path, tmp_path: P
     assert run.stderr.count("\n") == 1
 
 
-LOAD = "import sys, json; sys.path.insert(0, 'finetuning')\nfrom data import load_rows\nprint(json.dumps(load_rows()))"
+LOAD = """
+import json
+from pathlib import Path
+from tuner.data import load_rows
+from tuner.settings import load_settings
+print(json.dumps(load_rows(load_settings(Path("settings.toml")), Path("."))))
+"""
 
 
 def load_in(ws: Path) -> list[dict]:

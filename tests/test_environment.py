@@ -29,6 +29,7 @@ from conftest import PYTHON, REPO
 from packaging.requirements import Requirement
 
 VERSIONS: dict = yaml.safe_load((REPO / "includes" / "versions.yml").read_text("utf-8"))
+PIP = "-m pip install --disable-pip-version-check"
 SCHEMA = REPO / "tests" / "schemas" / "devcontainer.schema.json"
 COMMON = set(VERSIONS["common"])
 ORT_GENAI = {"onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml"}
@@ -284,7 +285,7 @@ def test_setup_venv_twice_and_fails_loudly(setup_copy: Path, tmp_path: Path) -> 
         assert "source .venv/bin/activate" in result.stdout and "make finetune" in result.stdout
         assert "torch 2.13.0" in result.stdout
     pip_calls = [c for c in log.read_text().splitlines() if c.startswith("-m pip")]
-    assert pip_calls == ["-m pip install --disable-pip-version-check -r setup/requirements.txt"] * 2
+    assert pip_calls == [f"{PIP} -r setup/requirements.txt", f"{PIP} --no-deps -e ."] * 2
 
     result = run_setup(setup_copy, env={"PIP_EXIT": "1"})
     assert result.returncode != 0 and "Environment ready" not in result.stdout
@@ -320,12 +321,11 @@ def test_setup_conda_create_then_update(setup_copy: Path, tmp_path: Path) -> Non
     ]
     # The packages go into the conda environment as into a venv (torch is already at the pin here).
     pip_calls = [c for c in log.read_text().splitlines() if c.startswith("run python")]
-    assert pip_calls == ["run python -m pip install --disable-pip-version-check -r setup/requirements.txt"] * 2
+    assert pip_calls == [f"run python {PIP} -r setup/requirements.txt", f"run python {PIP} --no-deps -e ."] * 2
     assert not (setup_copy / ".venv").exists()
 
 
 TORCH_SKIPPED = f"torch {VERSIONS['torch']} already installed; skipping the PyTorch index"
-PIP = "-m pip install --disable-pip-version-check"
 
 
 @pytest.mark.parametrize("has_torch", [True, False], ids=["torch-at-pin", "no-torch"])
@@ -346,11 +346,11 @@ def test_setup_uses_the_torch_index_only_without_torch(setup_copy: Path, tmp_pat
     )
     result = run_setup(setup_copy)
     pip_calls = [c for c in log.read_text().splitlines() if c.startswith("-m pip")]
-    rest = f"{PIP} -r setup/requirements.txt"
+    rest = [f"{PIP} -r setup/requirements.txt", f"{PIP} --no-deps -e ."]  # then the workspace package
     if has_torch:
         assert result.returncode == 0, result.stderr
         assert TORCH_SKIPPED in result.stdout.splitlines()
-        assert pip_calls == [rest]
+        assert pip_calls == rest
         # Nothing that setup/requirements.txt pulls in names an index: all from the default one.
         files, seen = ["requirements.txt"], []
         while files:
@@ -361,7 +361,7 @@ def test_setup_uses_the_torch_index_only_without_torch(setup_copy: Path, tmp_pat
         assert seen == ["requirements.txt", "requirements-cpu.txt"]
     else:
         assert TORCH_SKIPPED not in result.stdout
-        assert pip_calls == [f"{PIP} --timeout 10 --retries 1 -r setup/requirements-torch-cpu.txt", rest]
+        assert pip_calls == [f"{PIP} --timeout 10 --retries 1 -r setup/requirements-torch-cpu.txt", *rest]
         assert "No module named 'olive'" in result.stderr  # the bare venv then fails the final check
 
 

@@ -18,12 +18,14 @@ from conftest import PYTHON, run_py
 pytestmark = pytest.mark.slow
 
 SPLIT = """
-import json, sys
-sys.path.insert(0, "finetuning")
-from data import load_rows, split_rows
+import json
+from pathlib import Path
+from tuner.data import load_rows, split_rows
+from tuner.evaluation import split_params
+from tuner.settings import load_settings
 config = json.load(open("finetuning/olive-config.json"))
-params = config["data_configs"][0]["load_dataset_config"]["params"]
-train, held_out = split_rows(load_rows(), params["eval_split"], params["data_seed"])
+rows = load_rows(load_settings(Path("settings.toml")), Path("."))
+train, held_out = split_rows(rows, *split_params(config))
 print(json.dumps({"train": [r["phrase"] for r in train], "held_out": [r["phrase"] for r in held_out]}))
 """
 

@@ -329,7 +329,8 @@ def test_remote_py_is_clean_and_quick(ws: Path) -> None:
         proc = subprocess.run([ruff, *args, str(script)], cwd=ws, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     start = time.monotonic()
-    proc = subprocess.run([PY, str(script), "--help"], capture_output=True, text=True, timeout=30, env={"PATH": ""})
+    env = {"PATH": "", "PYTHONPATH": str(ws)}  # no tools, only the workspace package
+    proc = subprocess.run([PY, str(script), "--help"], capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - start < 5
     commands = ["provision-finetuning", "set-secret", "upload", "run-finetuning", "status", "logs", "fetch"]
@@ -338,8 +339,8 @@ def test_remote_py_is_clean_and_quick(ws: Path) -> None:
         assert command in proc.stdout
     # Standard library only, and the workspace's settings loader, which is standard library only too.
     imports = re.findall(r"^(?:from|import) (\w+)", script.read_text("utf-8"), re.M)
-    assert set(imports) <= set(sys.stdlib_module_names) | {"__future__", "settings"}, imports
-    loader = re.findall(r"^(?:from|import) (\w+)", (ws / "finetuning" / "settings.py").read_text("utf-8"), re.M)
+    assert set(imports) <= set(sys.stdlib_module_names) | {"__future__", "tuner"}, imports
+    loader = re.findall(r"^(?:from|import) (\w+)", (ws / "tuner" / "settings.py").read_text("utf-8"), re.M)
     assert set(loader) <= set(sys.stdlib_module_names) | {"__future__"}, loader
 
 

@@ -39,7 +39,9 @@ problems += [f"unknown top-level key {k!r}" for k in sorted(unknown)]
 if problems:  # Olive itself refuses these; report them the same way
     print(json.dumps(problems))
     sys.exit(0)
-invoke_olive.fill_paths(config, "check")
+from pathlib import Path
+from tuner.settings import load_settings
+invoke_olive.fill_paths(config, "check", load_settings(Path("settings.toml")), Path("settings.toml"))
 run_config = RunConfig.model_validate(config)
 for data_config in run_config.data_configs:
     for kind, component in data_config.components.items():

@@ -1,10 +1,9 @@
 """Issue 7: ONNX Runtime GenAI. The published int4 ONNX builds per platform (setup/download_onnx.py,
 tested without network) and the fine-tuned adapter exported for onnxruntime-genai
-(inference/export_onnx.py, inference/onnx_backend.py), checked against transformers + peft."""
+(inference/export_onnx.py, tuner/onnx_engine.py), checked against transformers + peft."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -15,16 +14,18 @@ from pathlib import Path
 
 import pytest
 from conftest import CATALOG, PLATFORMS, REPO, run_py
+from tuner import hub
 
 PHI3 = "microsoft/Phi-3-mini-4k-instruct"
 
 
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+# The start of the scripts run inside a workspace: its settings and root.
+IN_WORKSPACE = """
+from pathlib import Path
+from tuner.settings import load_settings
+root = Path(".").resolve()
+settings = load_settings(root / "settings.toml")
+"""
 
 
 def with_onnx_settings(ws: Path) -> dict:
@@ -54,19 +55,18 @@ def copy_render(render_factory, tmp_path: Path, **answers: str) -> Path:
 @pytest.mark.parametrize("model", [m["id"] for m in CATALOG])
 def test_download_plan_picks_the_platform_variant(render_factory, model: str, platform: str) -> None:
     ws = render_factory(model="tiny-random", platform="cpu", mode="local")
-    dl = load_module(ws / "setup" / "download_onnx.py", "download_onnx_plan")
     onnx = next(m for m in CATALOG if m["id"] == model).get("onnx")
     variant = ((onnx or {}).get("variants") or {}).get(platform)
     if not variant:
-        with pytest.raises(dl.NoOnnxBuild, match="python inference/export_onnx.py"):
-            dl.plan_download(onnx, platform, model)
+        with pytest.raises(hub.NoOnnxBuild, match="python inference/export_onnx.py"):
+            hub.plan_download(onnx, platform, model, ws)
         return
-    plan = dl.plan_download(onnx, platform, model)
+    plan = hub.plan_download(onnx, platform, model, ws)
     assert (plan.repo, plan.variant) == (onnx["repo"], variant)
     assert plan.allow_patterns == [variant + "/*"]  # only the platform's subfolder
     assert plan.model_dir == ws / "model-cache" / "onnx" / onnx["repo"] / variant
     # The workspace's own settings (variant already chosen) give the same plan.
-    same = dl.plan_download({"repo": onnx["repo"], "variant": variant}, platform, model)
+    same = hub.plan_download({"repo": onnx["repo"], "variant": variant}, platform, model, ws)
     assert same == plan
 
 
@@ -115,22 +115,23 @@ def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> No
 
 # ---------------------------------------------------------------- export and engine (slow)
 
-LOGITS = """
+LOGITS = (
+    IN_WORKSPACE
+    + """
 import json, sys, numpy as np, torch
-sys.path.insert(0, "finetuning")
 import onnxruntime_genai as og
-from data import SETTINGS, load_rows, split_rows, to_messages
+from tuner.data import load_rows, split_rows, to_messages
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(1)
-tok = AutoTokenizer.from_pretrained(SETTINGS["model"]["path"])
-base = AutoModelForCausalLM.from_pretrained(SETTINGS["model"]["path"], dtype=torch.float32)
-tuned = PeftModel.from_pretrained(base, SETTINGS["inference"]["adapter_path"]).eval()
+tok = AutoTokenizer.from_pretrained(settings["model"]["path"])
+base = AutoModelForCausalLM.from_pretrained(settings["model"]["path"], dtype=torch.float32)
+tuned = PeftModel.from_pretrained(base, settings["inference"]["adapter_path"]).eval()
 onnx_dir = "models/onnx/fp32"
 models = {name: og.Model(path) for name, path in (("adapter", onnx_dir), ("merged", onnx_dir + "/merged"))}
 adapters = og.Adapters(models["adapter"])
 adapters.load(onnx_dir + "/adapter.onnx_adapter", "finetuned")
-train, _ = split_rows(load_rows(), 0.1, 42)
+train, _ = split_rows(load_rows(settings, root), 0.1, 42)
 diffs = {"adapter": 0.0, "merged": 0.0, "base": 0.0}
 def first_logits(model, ids, adapter):
     params = og.GeneratorParams(model)
@@ -142,7 +143,7 @@ def first_logits(model, ids, adapter):
     logits = generator.get_output("logits")
     return logits.reshape(-1, logits.shape[-1])[-1]
 for row in train[:8]:
-    text = tok.apply_chat_template(to_messages(row)[:-1], add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(to_messages(row, settings)[:-1], add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         ref = tuned(torch.tensor([ids])).logits[0, -1].numpy()
@@ -156,22 +157,23 @@ for row in train[:8]:
         diffs[name] = max(diffs[name], float(np.abs(first_logits(model, ids, adapter) - want).max()))
 print(json.dumps(diffs))
 """
+)
 
-TONES = """
+TONES = (
+    IN_WORKSPACE
+    + """
 import json, sys
-sys.path.insert(0, "inference")
-sys.path.insert(0, "finetuning")
-from data import load_rows, split_rows, to_messages
-from onnx_backend import OnnxEngine
-train, _ = split_rows(load_rows(), 0.1, 42)
+from tuner.data import load_rows, split_rows, to_messages
+from tuner.onnx_engine import OnnxEngine
+train, _ = split_rows(load_rows(settings, root), 0.1, 42)
 tones = {row["tone"] for row in train}
 result = {}
 for name, baseonly in (("adapter", False), ("base", True)):
-    engine = OnnxEngine(baseonly=baseonly, precision=sys.argv[1])
+    engine = OnnxEngine(settings, root, baseonly=baseonly, precision=sys.argv[1])
     right = tone = 0
     for row in train:
         stats = {}
-        answer = "".join(engine.stream(to_messages(row)[:-1], max_new_tokens=4, stats=stats)).strip()
+        answer = "".join(engine.stream(to_messages(row, settings)[:-1], max_new_tokens=4, stats=stats)).strip()
         right += answer == row["tone"]
         tone += answer in tones
         assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0
@@ -181,6 +183,7 @@ for name, baseonly in (("adapter", False), ("base", True)):
     result[name + "_model"] = engine.model_name
 print(json.dumps(result))
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -259,13 +262,14 @@ def test_precision_setting_picks_the_export(exported: Path, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_stream_limits_and_stop_strings(exported: Path) -> None:
-    script = """
-import json, sys
-sys.path.insert(0, "inference")
-from engine import conversation
-from onnx_backend import OnnxEngine
-engine = OnnxEngine(baseonly=True, precision="fp32")
-messages = conversation([], "The puppy fell asleep on my lap again.")
+    script = (
+        IN_WORKSPACE
+        + """
+import json
+from tuner.chat import conversation
+from tuner.onnx_engine import OnnxEngine
+engine = OnnxEngine(settings, root, baseonly=True, precision="fp32")
+messages = conversation([], "The puppy fell asleep on my lap again.", settings)
 stats, again = {}, {}
 text = "".join(engine.stream(messages, max_new_tokens=6, stats=stats))
 first = [stats["completion_tokens"], stats["finish_reason"]]
@@ -273,6 +277,7 @@ stop = text[3:6]
 pieces = list(engine.stream(messages, max_new_tokens=6, stop=["never printed", stop], stats=again))
 print(json.dumps({"first": first, "text": text, "stop": stop, "pieces": pieces, "reason": again["finish_reason"]}))
 """
+    )
     run = run_py(exported, "-c", script)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -287,15 +292,17 @@ print(json.dumps({"first": first, "text": text, "stop": stop, "pieces": pieces, 
 def test_missing_pieces_name_the_command(exported: Path, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("onnx", "olive-cache", "checkpoints"))
-    script = """
+    script = (
+        IN_WORKSPACE
+        + """
 import sys
-sys.path.insert(0, "inference")
-from onnx_backend import EngineError, OnnxEngine
+from tuner.onnx_engine import EngineError, OnnxEngine
 try:
-    OnnxEngine(precision=sys.argv[1])
+    OnnxEngine(settings, root, precision=sys.argv[1])
 except EngineError as err:
     print(err)
 """
+    )
     for precision, command in (
         ("int4", "python inference/export_onnx.py"),
         ("fp16", "python inference/export_onnx.py --precision fp16"),
@@ -324,21 +331,24 @@ def test_baseonly_falls_back_to_the_downloaded_model(exported: Path, tmp_path: P
     settings = ws / "settings.toml"
     text = re.sub(r"(?m)^\[onnx\]\n(?:(?!\[).*\n?)*", "", settings.read_text("utf-8"))  # drop any [onnx] table
     settings.write_text(text + '\n[onnx]\nrepo = "example/tiny-onnx"\nvariant = "cpu/cpu-int4"\n', "utf-8")
-    script = """
-import json, sys
-sys.path.insert(0, "inference")
-from engine import conversation
-from onnx_backend import EngineError, OnnxEngine
-engine = OnnxEngine(baseonly=True)
+    script = (
+        IN_WORKSPACE
+        + """
+import json
+from tuner.chat import conversation
+from tuner.onnx_engine import EngineError, OnnxEngine
+engine = OnnxEngine(settings, root, baseonly=True)
 stats = {}
-answer = engine.reply(conversation([], "The puppy fell asleep on my lap again."), max_new_tokens=3, stats=stats)
+question = conversation([], "The puppy fell asleep on my lap again.", settings)
+answer = engine.reply(question, max_new_tokens=3, stats=stats)
 try:
-    OnnxEngine()
+    OnnxEngine(settings, root)
     error = ""
 except EngineError as err:
     error = str(err)
 print(json.dumps({"path": str(engine.path), "tokens": stats["completion_tokens"], "error": error}))
 """
+    )
     run = run_py(ws, "-c", script)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])

@@ -158,6 +158,7 @@ class Remote:
             "FAKE_AZ_LOG": str(self.log),
             "FAKE_AZ_RULES": str(self.rules_file),
             "HOME": str(self.ws.parent),
+            "PYTHONPATH": str(self.ws),  # the workspace package, as setup/setup.sh installs it
             **(env or {}),
         }
         return subprocess.run(

@@ -5,9 +5,9 @@
     python finetuning/invoke_olive.py --no-eval  # skip the held-out evaluation at the end
 
 Paths, dataset and prompt format come from settings.toml (--settings picks another file);
-hyperparameters from the Olive config. A run that is interrupted resumes from its last checkpoint when started again; a run
-whose data, prompt or config changed starts afresh (its checkpoints and Olive cache are keyed
-by a fingerprint of all of those).
+hyperparameters from the Olive config. A run that is interrupted resumes from its last
+checkpoint when started again; a run whose data, prompt or config changed starts afresh (its
+checkpoints and Olive cache are keyed by a fingerprint of all of those).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from olive.data.registry import Registry
+
 from tuner.data import check_rows, load_rows, split_rows, tokenize
 from tuner.settings import load_settings
 

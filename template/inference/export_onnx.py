@@ -191,9 +191,7 @@ def main() -> None:
     onnx, model_id = settings.get("onnx", {}), settings["model"]["id"]
     args.precision = args.precision or onnx.get("precision", "int4")
     args.execution_provider = (
-        args.execution_provider
-        or onnx.get("execution_provider")
-        or PROVIDERS.get(settings["model"]["platform"], "cpu")
+        args.execution_provider or onnx.get("execution_provider") or PROVIDERS.get(settings["model"]["platform"], "cpu")
     )
 
     base = in_workspace(ROOT, settings["model"]["path"])

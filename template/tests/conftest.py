@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tuner.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,5 +15,4 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def settings() -> dict[str, Any]:
     """settings.toml, parsed (test_settings.py reports a file that does not parse)."""
-    with (ROOT / "settings.toml").open("rb") as f:
-        return tomllib.load(f)
+    return load_settings(ROOT / "settings.toml")

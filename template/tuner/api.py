@@ -7,8 +7,8 @@ context are 400s naming the field, with an OpenAI-style error object. An answer 
 when its client goes away, so an abandoned request never holds up the next one.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request)
+# at run time, and they are imported inside create_app.
 import asyncio
 import hmac
 import json

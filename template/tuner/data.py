@@ -176,9 +176,7 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int) -> 
     return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
 
 
-def check_lengths(
-    tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, settings: dict[str, Any]
-) -> str:
+def check_lengths(tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, settings: dict[str, Any]) -> str:
     """Refuse, before any training, a dataset whose answers all fall past max_seq_len; return a
     warning (or "") when most answers are cut short. Checks at most 2000 rows (a seeded sample)."""
     sample = rows if len(rows) <= 2000 else random.Random(0).sample(rows, 2000)

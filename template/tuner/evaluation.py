@@ -167,4 +167,3 @@ def print_report(report: dict[str, Any], path: Path, root: Path) -> None:
         print(f"  tuned:    {example['tuned'][:100]!r}")
         print(f"  expected: {example['expected']!r}")
     print(f"\nWritten to {path.relative_to(root) if path.is_relative_to(root) else path}")
-

