@@ -52,7 +52,8 @@ def main() -> None:
 
         data = {"project_name": "bench", "model": args.model, "platform": "cpu"}
         run_copy(str(REPO), str(ws), data=data, defaults=True, quiet=True, vcs_ref="HEAD")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OLIVE_DISABLE_TELEMETRY": "1"}
+    # PYTHONPATH: the workspace's package (tuner/), which its setup would install.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OLIVE_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ws)}
     start = time.perf_counter()
     subprocess.run([sys.executable, "setup/download_model.py"], cwd=ws, env=env, check=True)
     print(f"model ready in {time.perf_counter() - start:.0f} s; workspace {ws}; overrides {overrides}", flush=True)

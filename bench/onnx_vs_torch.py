@@ -37,27 +37,27 @@ def main() -> None:
     args = parser.parse_args()
     ws = args.workspace.resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ws / "inference"))
-    sys.path.insert(0, str(ws / "finetuning"))
+    sys.path.insert(0, str(ws))  # the workspace's package, tuner/
 
     import numpy as np
     import onnxruntime_genai as og
     import torch
-    from data import load_rows, to_messages
-    from engine import SETTINGS
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tuner.data import load_rows, to_messages
+    from tuner.settings import load_settings
 
+    settings = load_settings(ws / "settings.toml")
     torch.set_num_threads(args.threads)
-    base = ws / SETTINGS["model"]["path"]
+    base = ws / settings["model"]["path"]
     tokenizer = AutoTokenizer.from_pretrained(base)
-    messages = to_messages(load_rows()[0])[:-1]
+    messages = to_messages(load_rows(settings, ws)[0], settings)[:-1]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     results: dict[str, float] = {}
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, ws / SETTINGS["inference"]["adapter_path"]).eval()
+    model = PeftModel.from_pretrained(model, ws / settings["inference"]["adapter_path"]).eval()
     prompt = torch.tensor([ids])
 
     def torch_run(n: int) -> None:
@@ -97,7 +97,7 @@ def main() -> None:
         results[f"onnx {path.name} + adapter"] = (args.tokens - 1) / (tn - t1)
 
     reference = results["torch fp32 + peft"]
-    print(f"{SETTINGS['model']['id']}: decode tokens/s, {args.tokens} tokens, {args.threads} thread(s), CPU")
+    print(f"{settings['model']['id']}: decode tokens/s, {args.tokens} tokens, {args.threads} thread(s), CPU")
     for name, rate in results.items():
         print(f"  {name:<24} {rate:9.1f} tok/s  ({rate / reference:.1f}x torch)")
     print(json.dumps({"decode_tokens_per_s": results}))

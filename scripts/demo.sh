@@ -18,6 +18,7 @@ if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
 rm -rf "$DEST"
 .venv/bin/copier copy --defaults --quiet --data project_name=demo --data platform=cpu "$PWD" "$DEST"
 .venv/bin/pip install -q --disable-pip-version-check -r "$DEST/setup/requirements-cpu.txt"
+.venv/bin/pip install -q --disable-pip-version-check --no-deps -e "$DEST"  # its package, tuner/
 lap installs
 cd "$DEST"
 PY=../.venv/bin/python
