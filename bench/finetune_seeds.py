@@ -41,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Olive pass/training option")
     parser.add_argument("--workspace", type=Path, help="reuse this rendered workspace (default: a temporary one)")
     args = parser.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
     original = config.read_text("utf-8")
     results = []
     print(f"{'seed':>4} {'base EM':>8} {'tuned EM':>9} {'mentioned':>10} {'train s':>8} {'total s':>8}", flush=True)
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         config.write_text(original, "utf-8")
         patch_config(config, seed, overrides)
         start = time.perf_counter()
