@@ -4,6 +4,7 @@ cleanly, and resumes; setup/download_model.py gets the model offline."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -177,7 +178,7 @@ def test_qlora_preflight(render_factory, tuned_workspace: Path, tmp_path: Path) 
     fake = tmp_path / "fake"
     (fake / "bitsandbytes").mkdir(parents=True)
     (fake / "bitsandbytes" / "__init__.py").write_text("")
-    run = run_py(ws, "finetuning/invoke_olive.py", env={"PYTHONPATH": str(fake)})
+    run = run_py(ws, "finetuning/invoke_olive.py", env={"PYTHONPATH": f".{os.pathsep}{fake}"})
     assert run.returncode == 1 and "QLoRA needs a CUDA GPU" in run.stderr and "--cpu-lora" in run.stderr
     assert not (ws / "models").exists()
 
