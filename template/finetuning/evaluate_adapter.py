@@ -11,13 +11,12 @@ it). Named evaluate_adapter.py, not evaluate.py, so that it never shadows Huggin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from tuner.data import DatasetError
 from tuner.evaluation import evaluate
-from tuner.settings import in_workspace, settings_for_script
+from tuner.settings import adapter_dir, settings_for_script, trained_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,17 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
-    parser.add_argument("--config", type=Path, help="the Olive config (default: [finetuning] olive_config)")
-    parser.add_argument("--adapter", type=Path, help="default: [inference] adapter_path")
+    parser.add_argument("--adapter", type=Path, help="default: models/adapter")
     args = parser.parse_args()
     settings = settings_for_script(args.settings)
-    config_path = args.config or in_workspace(ROOT, settings["finetuning"]["olive_config"])
-    adapter = args.adapter or in_workspace(ROOT, settings["inference"]["adapter_path"])
+    adapter = args.adapter or adapter_dir(ROOT)
     if not (adapter / "adapter_config.json").is_file():
         sys.exit(f"error: no adapter in {adapter}: run `python finetuning/invoke_olive.py` first")
+    # Score the held-out rows of the run that made the adapter (its split, its --set overrides).
+    trained = trained_with(adapter)
+    if trained is not None:
+        settings = settings | {"train": trained["train"]}
     try:
-        evaluate(json.loads(config_path.read_text("utf-8")), adapter, settings, ROOT)
-    except (OSError, ValueError, DatasetError) as err:  # the config file, or the dataset
+        evaluate(adapter, settings, ROOT)
+    except (OSError, ValueError, DatasetError) as err:
         sys.exit(f"error: {err}")
 
 

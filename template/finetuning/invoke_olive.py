@@ -1,13 +1,16 @@
 """Fine-tune the base model with Olive's (Q)LoRA pass and write the adapter.
 
-    python finetuning/invoke_olive.py            # uses finetuning/olive-config.json
+    python finetuning/invoke_olive.py                                # settings.toml [train]
+    python finetuning/invoke_olive.py --set train.learning_rate=3e-4 # change a setting for one run
     python finetuning/invoke_olive.py --cpu-lora # a QLoRA workspace on a machine without CUDA
     python finetuning/invoke_olive.py --no-eval  # skip the held-out evaluation at the end
 
-Paths, dataset and prompt format come from settings.toml (--settings picks another file);
-hyperparameters from the Olive config. A run that is interrupted resumes from its last
-checkpoint when started again; a run whose data, prompt or config changed starts afresh (its
-checkpoints and Olive cache are keyed by a fingerprint of all of those).
+Everything comes from settings.toml (--settings picks another file). The Olive config is built
+from [train] for each run (tuner.olive) and written beside the adapter with the settings that
+ran. A run that is interrupted resumes from its last checkpoint when started again; a run
+whose settings, data or code changed starts afresh (its checkpoints and Olive cache are keyed
+by a fingerprint of all of those). With [train] report_to = "tensorboard", watch the loss with
+`tensorboard --logdir models/runs`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from tuner.data import DatasetError, check_lengths, check_rows, load_rows, split_rows
-from tuner.evaluation import evaluate, split_params
-from tuner.settings import in_workspace, settings_for_script
+from tuner.evaluation import evaluate
+from tuner.olive import olive_config
+from tuner.settings import (
+    MODELS,
+    RUN_RECORD,
+    RUNS,
+    SettingsError,
+    adapter_dir,
+    check_train,
+    in_workspace,
+    settings_for_script,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,16 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def fail(message: str, code: int = 1) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-def to_cpu_lora(passes: dict[str, Any]) -> None:
-    """Turn the QLoRA pass into plain LoRA in float32, which runs without CUDA."""
-    for config in passes.values():
-        if config["type"] == "QLoRA":
-            config["type"] = "LoRA"
-            for key in ("compute_dtype", "quant_type", "double_quant"):
-                config.pop(key, None)
-        config["torch_dtype"] = "float32"
 
 
 def preflight_qlora() -> None:
@@ -57,38 +60,18 @@ def preflight_qlora() -> None:
         fail(f"QLoRA needs a CUDA GPU and torch sees none (torch {torch.__version__}), {fix}")
 
 
-def fingerprint(config: dict[str, Any], settings: dict[str, Any]) -> str:
-    """What decides the result: config, dataset bytes, prompt settings, our code, base model."""
+def fingerprint(settings: dict[str, Any]) -> str:
+    """What decides the result: the settings, the dataset bytes, our code, the base model."""
     import tuner.data
+    import tuner.olive
 
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    digest.update(json.dumps([settings["dataset"], settings["prompt"]], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([settings[k] for k in ("train", "dataset", "prompt")], sort_keys=True).encode())
     if settings["dataset"]["source"] != "huggingface":
         digest.update(in_workspace(ROOT, settings["dataset"]["path"]).read_bytes())
-    for code in (Path(tuner.data.__file__), ROOT / "finetuning" / "user_script.py"):
+    for code in (Path(tuner.data.__file__), Path(tuner.olive.__file__), ROOT / "finetuning" / "user_script.py"):
         digest.update(code.read_bytes())
     digest.update((in_workspace(ROOT, settings["model"]["path"]) / "config.json").read_bytes())
     return digest.hexdigest()[:12]
-
-
-def fill_paths(config: dict[str, Any], fp: str, settings: dict[str, Any], settings_path: Path) -> Path:
-    """Put the paths from the settings into the Olive config; run `fp` gets its own
-    checkpoints, cache and staging folder, so a changed run never reuses a stale one.
-    Returns the checkpoint folder."""
-    out = settings["finetuning"]
-    config["input_model"]["model_path"] = str(in_workspace(ROOT, settings["model"]["path"]))
-    for data_config in config["data_configs"]:
-        data_config["user_script"] = str(ROOT / data_config["user_script"])
-        data_config["script_dir"] = str(ROOT / data_config["script_dir"])
-        # The user script's components read the same settings file as this run.
-        for component in ("load_dataset_config", "pre_process_data_config"):
-            data_config[component]["params"]["settings_path"] = str(settings_path.resolve())
-    checkpoints = in_workspace(ROOT, out["checkpoint_dir"]) / fp
-    for pass_config in config["passes"].values():
-        pass_config["training_args"]["output_dir"] = str(checkpoints)
-    config["cache_dir"] = str(in_workspace(ROOT, out["cache_dir"]) / fp)
-    config["output_dir"] = str(in_workspace(ROOT, out["output_dir"]) / f".run-{fp}")
-    return checkpoints
 
 
 def take_lock(path: Path) -> None:
@@ -174,24 +157,27 @@ def plot_loss(log_history: list[dict[str, Any]], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
-    parser.add_argument("--config", type=Path, help="the Olive config (default: [finetuning] olive_config)")
-    parser.add_argument("--cpu-lora", action="store_true", help="run a QLoRA config as LoRA in float32")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="change a setting for this run only, e.g. --set train.num_train_epochs=2 (repeatable)",
+    )
+    parser.add_argument("--cpu-lora", action="store_true", help="a QLoRA workspace trains as LoRA in float32")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints and start over")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation, base vs fine-tuned")
     args = parser.parse_args()
-    settings = settings_for_script(args.settings)
-    config_path = args.config or in_workspace(ROOT, settings["finetuning"]["olive_config"])
+    if args.cpu_lora:
+        args.overrides += ["train.method=lora", "train.compute_dtype=float32"]
+    settings = settings_for_script(args.settings, args.overrides)
+    train = settings["train"]
 
     # 1. Check everything cheap before loading anything heavy or writing anything.
     try:
-        config = json.loads(config_path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        fail(f"cannot read the Olive config {config_path}: {err}")
-    finetune = config["passes"]
-    try:
+        check_train(settings)
         rows = load_rows(settings, ROOT)
         check_rows(rows, settings)
-        split_rows(rows, *split_params(config))
+        split_rows(rows, train["eval_split"], train["data_seed"])
+    except SettingsError as err:
+        fail(str(err))
     except DatasetError as err:
         fail(str(err), code=2)
     model_path = in_workspace(ROOT, settings["model"]["path"])
@@ -200,33 +186,34 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     try:  # an answer cut off by max_seq_len teaches nothing: find out now, not inside Olive
-        max_seq_len = config["data_configs"][0]["pre_process_data_config"]["params"]["max_seq_len"]
-        warning = check_lengths(AutoTokenizer.from_pretrained(model_path), rows, max_seq_len, settings)
+        warning = check_lengths(AutoTokenizer.from_pretrained(model_path), rows, train["max_seq_len"], settings)
     except DatasetError as err:
         fail(str(err), code=2)
     if warning:
         print(warning, file=sys.stderr)
-    if args.cpu_lora:
-        to_cpu_lora(finetune)
-        config["systems"]["local_system"]["accelerators"] = [
-            {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}
-        ]
-    if any(p["type"] == "QLoRA" for p in finetune.values()):
+    if train["method"] == "qlora":
         preflight_qlora()
+    if train["report_to"] != "none" and importlib.util.find_spec(train["report_to"]) is None:
+        fail(
+            f"[train] report_to = {train['report_to']!r} needs the {train['report_to']} package: "
+            f"pip install {train['report_to']}, or run with --set train.report_to=none"
+        )
 
-    # 2. One run at a time per workspace; fill in the paths from the settings; key checkpoints
-    # and cache by the fingerprint.
-    take_lock(ROOT / "models" / ".finetune.lock")
-    adapter = in_workspace(ROOT, settings["inference"]["adapter_path"])
+    # 2. One run at a time per workspace. The run's checkpoints, cache and logs are keyed by
+    # its fingerprint.
+    take_lock(ROOT / MODELS / ".finetune.lock")
+    adapter = adapter_dir(ROOT)
     recover_adapter(adapter)
-    fp = fingerprint(config, settings)
-    checkpoints = fill_paths(config, fp, settings, args.settings)
+    fp = fingerprint(settings)
+    config = olive_config(settings, ROOT, fp)
+    checkpoints = Path(config["passes"]["finetune"]["training_args"]["output_dir"])
     staging = Path(config["output_dir"])
     if args.fresh:
         shutil.rmtree(checkpoints, ignore_errors=True)
         shutil.rmtree(config["cache_dir"], ignore_errors=True)
 
     os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(in_workspace(ROOT, RUNS) / fp))
     if settings["model"]["id"] == "tiny-random":
         import torch
 
@@ -234,8 +221,7 @@ def main() -> None:
     last = last_complete_checkpoint(checkpoints)
     if last:
         print(f"Resuming from {last.name} in {checkpoints.relative_to(ROOT)}", flush=True)
-        for pass_config in finetune.values():
-            pass_config["training_args"]["resume_from_checkpoint"] = str(last)
+        config["passes"]["finetune"]["training_args"]["resume_from_checkpoint"] = str(last)
     else:
         print(f"Fine-tuning {settings['model']['id']} on {len(rows)} rows (run {fp})", flush=True)
 
@@ -245,19 +231,22 @@ def main() -> None:
 
     # Olive creates the LoRA weights before the Trainer seeds itself: seed first with the
     # training seed, so the same answers give the same adapter (data_seed only splits/shuffles).
-    torch.manual_seed(_train_seed(config))
+    torch.manual_seed(train["seed"])
     try:
         olive_run(copy.deepcopy(config))  # Olive rewrites the dict it is given
     except KeyboardInterrupt:
         fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
 
-    # 4. Publish the adapter: a half-written adapter never looks finished.
+    # 4. Publish the adapter, with the record of what ran: a half-written adapter never looks
+    # finished.
     found = sorted(staging.rglob("adapter_config.json"))
     if not found:
         fail(f"Olive finished but wrote no adapter under {staging}; see the log above")
     tmp = adapter.with_name(adapter.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(found[-1].parent, tmp)
+    (tmp / "olive-config.json").write_text(json.dumps(config, indent=1), "utf-8")
+    (tmp / RUN_RECORD).write_text(json.dumps({"run": fp, "settings": settings}, indent=1), "utf-8")
     last = last_complete_checkpoint(checkpoints)
     log_history: list[dict[str, Any]] = []
     if last:
@@ -272,11 +261,7 @@ def main() -> None:
 
     # 5. Score base vs fine-tuned on the rows held out of training (writes adapter/eval.json).
     if not args.no_eval:
-        evaluate(config, adapter, settings, ROOT)
-
-
-def _train_seed(config: dict[str, Any]) -> int:
-    return int(next(iter(config["passes"].values()))["training_args"]["seed"])
+        evaluate(adapter, settings, ROOT)
 
 
 if __name__ == "__main__":

@@ -37,16 +37,16 @@ def main() -> None:
     parser.add_argument("--baseonly", action="store_true", help="chat with the base model, no adapter")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system message (default: the one the model was fine-tuned with)")
-    # Generation options default to the settings' [inference] table.
+    # Generation options default to the settings' [chat] table.
     for option, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int)):
-        parser.add_argument("--" + option.replace("_", "-"), type=kind, help=f"default: [inference] {option}")
-    parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [inference] backend")
+        parser.add_argument("--" + option.replace("_", "-"), type=kind, help=f"default: [chat] {option}")
+    parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
     args = parser.parse_args()
     if args.prompt is not None and not is_text(args.prompt):
         sys.exit(f"error: {NOT_TEXT}")
     settings = settings_for_script(args.settings)
     options = {
-        name: settings["inference"][name] if getattr(args, name) is None else getattr(args, name)
+        name: settings["chat"][name] if getattr(args, name) is None else getattr(args, name)
         for name in ("max_new_tokens", "temperature", "top_p", "top_k")
     }
 

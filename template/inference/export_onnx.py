@@ -33,13 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from tuner.onnx_engine import ADAPTER_FILE, export_dir
-from tuner.settings import in_workspace, settings_for_script
+from tuner.settings import PROVIDERS, adapter_dir, in_workspace, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PRECISIONS = ["int4", "fp16", "fp32"]
-# settings.toml's platform -> onnxruntime-genai execution provider.
-PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "windows-gpu": "dml"}
 ADAPTER_NAME = "finetuned"
 # The model builder names the two LoRA MatMuls of a projection <projection>/lora_A/MatMul and
 # <projection>/lora_B/MatMul; it splits packed projections (qkv_proj, gate_up_proj) first.
@@ -182,7 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--execution-provider",
         choices=sorted(set(PROVIDERS.values())),
-        help="where the model will run (default: [onnx] execution_provider, else from the platform)",
+        help="where the model will run (default: from [model] platform)",
     )
     parser.add_argument("--skip-merged", action="store_true", help="do not build the merged model")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failed build")
@@ -191,11 +189,11 @@ def main() -> None:
     onnx, model_id = settings.get("onnx", {}), settings["model"]["id"]
     args.precision = args.precision or onnx.get("precision", "int4")
     args.execution_provider = (
-        args.execution_provider or onnx.get("execution_provider") or PROVIDERS.get(settings["model"]["platform"], "cpu")
+        args.execution_provider or PROVIDERS[settings["model"]["platform"]]
     )
 
     base = in_workspace(ROOT, settings["model"]["path"])
-    adapter = in_workspace(ROOT, settings["inference"]["adapter_path"])
+    adapter = adapter_dir(ROOT)
     if not (base / "config.json").is_file():
         fail(f"base model not found in {base}: run `python setup/download_model.py` first")
     if not (adapter / "adapter_config.json").is_file():

@@ -5,7 +5,7 @@
 
 The page (Gradio ChatInterface, multi-turn, streaming) is at /, the API at
 POST /v1/chat/completions and GET /v1/models (tuner/api.py). When the environment variable named
-in settings.toml ([inference] api_key_env) is set, API calls need `Authorization: Bearer <key>`
+in settings.toml ([serve] api_key_env) is set, API calls need `Authorization: Bearer <key>`
 and the page asks for a login (any user name, the key as password).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from tuner.api import create_app, evaluation_summary
 from tuner.backends import load_engine
 from tuner.chat import EngineError
-from tuner.settings import in_workspace, settings_for_script
+from tuner.settings import adapter_dir, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +29,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
     parser.add_argument("--baseonly", action="store_true", help="serve the base model, no adapter")
-    parser.add_argument("--host", help="default: [inference] host; use 0.0.0.0 only inside a container")
-    parser.add_argument("--port", type=int, help="default: [inference] port")
-    parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [inference] backend")
+    parser.add_argument("--host", help="default: [serve] host; use 0.0.0.0 only inside a container")
+    parser.add_argument("--port", type=int, help="default: [serve] port")
+    parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
     args = parser.parse_args()
     settings = settings_for_script(args.settings)
-    defaults = settings["inference"]
-    host, port = args.host or defaults["host"], args.port or defaults["port"]
+    serve = settings["serve"]
+    host, port = args.host or serve["host"], args.port or serve["port"]
 
     try:
         engine = load_engine(settings, ROOT, args.backend, args.baseonly)
@@ -44,9 +44,8 @@ def main() -> None:
         sys.exit(1)
     import uvicorn
 
-    api_key = os.environ.get(defaults["api_key_env"]) or None
-    adapter = in_workspace(ROOT, defaults["adapter_path"])
-    app = create_app(engine, api_key, None if args.baseonly else evaluation_summary(adapter))
+    api_key = os.environ.get(serve["api_key_env"]) or None
+    app = create_app(engine, api_key, None if args.baseonly else evaluation_summary(adapter_dir(ROOT)))
     print(f"Serving {engine.model_name} on http://{host}:{port} (API at /v1)", flush=True)
 
     class Server(uvicorn.Server):

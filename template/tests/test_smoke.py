@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tuner.settings import adapter_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.smoke
@@ -44,6 +46,6 @@ def test_pipeline(settings: dict[str, Any], tmp_path: Path) -> None:
             f"python {' '.join(step)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         )
         output = result.stdout
-    adapter = work / settings["inference"]["adapter_path"]
+    adapter = adapter_dir(work)
     assert adapter.is_dir() and any(adapter.iterdir()), f"no adapter written to {adapter}"
     assert output.strip(), "the chat printed no answer"

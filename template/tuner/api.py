@@ -1,7 +1,7 @@
 """The OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) and the Gradio chat
 page, on one FastAPI app around a chat engine. inference/gradio_chat.py serves it.
 
-Every request is checked before it reaches the model: a body over [inference] max_request_bytes
+Every request is checked before it reaches the model: a body over [serve] max_request_bytes
 is a 413 before it is read; bad JSON, fields, non-Unicode text, or a prompt longer than the
 context are 400s naming the field, with an OpenAI-style error object. An answer is cancelled
 when its client goes away, so an abandoned request never holds up the next one.
@@ -50,7 +50,7 @@ def _text(value: str, param: str) -> str:
 
 def parse_request(body: Any, context: int, defaults: dict[str, Any]) -> dict[str, Any]:
     """Validate a chat completion request; every problem becomes a 400 naming the field.
-    `defaults`: the settings' [inference] table (max_new_tokens, temperature, top_p)."""
+    `defaults`: the settings' [chat] table (max_new_tokens, temperature, top_p)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     messages = body.get("messages")
@@ -122,8 +122,8 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    defaults = engine.settings["inference"]
-    max_bytes = int(defaults.get("max_request_bytes", 2_097_152))
+    defaults = engine.settings["chat"]
+    max_bytes = int(engine.settings["serve"].get("max_request_bytes", 2_097_152))
 
     app = FastAPI(title=f"{engine.model_name} chat")
 

@@ -9,9 +9,9 @@ from tuner.chat import ChatEngine
 
 
 def load_engine(settings: dict[str, Any], root: Path, backend: str | None = None, baseonly: bool = False) -> ChatEngine:
-    """The engine for `backend` (torch or onnx; default [inference] backend). EngineError says
+    """The engine for `backend` (torch or onnx; default [chat] backend). EngineError says
     what to run first (download, fine-tune, export)."""
-    if (backend or settings["inference"]["backend"]) == "onnx":
+    if (backend or settings["chat"]["backend"]) == "onnx":
         from tuner.onnx_engine import OnnxEngine  # onnxruntime-genai only when asked for
 
         return OnnxEngine(settings, root, baseonly=baseonly)

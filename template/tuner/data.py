@@ -201,30 +201,18 @@ def check_lengths(tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, 
     return ""
 
 
-def tokenize(
-    tokenizer: Any,
-    rows: list[dict[str, Any]],
-    max_seq_len: int,
-    pad_to_max_len: bool = False,
-    packing: str = "none",
-    *,
-    settings: dict[str, Any],
-) -> list[dict[str, list[int]]]:
+def tokenize(tokenizer: Any, rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, list[int]]]:
+    """Rows -> training examples, one per sequence ([train] max_seq_len, pad_to_max_len).
+
+    No packing: joining examples into one sequence lets each attend to the ones before it
+    unless the attention kernel is told where they start, which only flash-attention does."""
+    max_seq_len = settings["train"]["max_seq_len"]
     examples = [encode(tokenizer, to_messages(row, settings), max_seq_len) for row in rows]
     # An example whose answer was cut off entirely by max_seq_len teaches nothing.
     examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
     if not examples:
         raise DatasetError(f"no example keeps any answer tokens within max_seq_len {max_seq_len}")
-    if packing == "packed":
-        packed: list[dict[str, list[int]]] = []
-        for e in examples:
-            if packed and len(packed[-1]["input_ids"]) + len(e["input_ids"]) <= max_seq_len:
-                for key in e:
-                    packed[-1][key] = packed[-1][key] + e[key]
-            else:
-                packed.append(dict(e))
-        examples = packed
-    if pad_to_max_len:
+    if settings["train"]["pad_to_max_len"]:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for e in examples:
             missing = max_seq_len - len(e["input_ids"])

@@ -69,25 +69,19 @@ def answer_loss(
     return total / max(count, 1)
 
 
-def split_params(config: dict[str, Any]) -> tuple[float, int]:
-    """eval_split and data_seed, as the Olive config's dataset component splits the rows."""
-    params = config["data_configs"][0]["load_dataset_config"]["params"]
-    return float(params["eval_split"]), int(params["data_seed"])
-
-
-def load_model(config: dict[str, Any], path: Path) -> tuple[Any, Any]:
+def load_model(settings: dict[str, Any], path: Path) -> tuple[Any, Any]:
     """The base model as it was fine-tuned: 4-bit for QLoRA, else in the training dtype."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    finetune = next(iter(config["passes"].values()))
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, finetune.get("torch_dtype", "float32"))}
-    if finetune["type"] == "QLoRA":
+    train = settings["train"]
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, train["compute_dtype"])}
+    if train["method"] == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=finetune["quant_type"],
-            bnb_4bit_use_double_quant=finetune["double_quant"],
-            bnb_4bit_compute_dtype=getattr(torch, finetune["compute_dtype"]),
+            bnb_4bit_quant_type=train["quant_type"],
+            bnb_4bit_use_double_quant=train["double_quant"],
+            bnb_4bit_compute_dtype=getattr(torch, train["compute_dtype"]),
         )
         kwargs["device_map"] = "auto"
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -98,20 +92,21 @@ def load_model(config: dict[str, Any], path: Path) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def evaluate(config: dict[str, Any], adapter: Path, settings: dict[str, Any], root: Path) -> dict[str, Any] | None:
-    """Base vs fine-tuned on the held-out rows of the split `config` trains with; prints the
-    table and writes adapter/eval.json. The dataset error of tuner.data, if any, is raised."""
+def evaluate(adapter: Path, settings: dict[str, Any], root: Path) -> dict[str, Any] | None:
+    """Base vs fine-tuned on the rows [train] eval_split and data_seed held out of training;
+    prints the table and writes adapter/eval.json. The dataset error of tuner.data, if any, is
+    raised."""
     from peft import PeftModel
 
-    eval_split, data_seed = split_params(config)
+    eval_split, data_seed = settings["train"]["eval_split"], settings["train"]["data_seed"]
     _, held_out = split_rows(load_rows(settings, root), eval_split, data_seed)
     if not held_out:
         print("No held-out rows (eval_split is 0): nothing to evaluate.")
         return None
     ds = settings["dataset"]
     columns = ds["format"] == "columns"
-    max_seq_len = next(iter(config["data_configs"]))["pre_process_data_config"]["params"]["max_seq_len"]
-    model, tokenizer = load_model(config, in_workspace(root, settings["model"]["path"]))
+    max_seq_len = settings["train"]["max_seq_len"]
+    model, tokenizer = load_model(settings, in_workspace(root, settings["model"]["path"]))
     model = PeftModel.from_pretrained(model, adapter)
     prompts = [to_messages(row, settings)[:-1] for row in held_out]
     expected = [str(row[ds["target_column"]]) for row in held_out] if columns else []

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.chat import END_TOKENS, ChatEngine, EngineError
-from tuner.settings import in_workspace
+from tuner.settings import adapter_dir, in_workspace, trained_with
 
 
 class Engine(ChatEngine):
@@ -18,7 +18,7 @@ class Engine(ChatEngine):
         super().__init__()
         self.settings = settings
         model_path = in_workspace(root, settings["model"]["path"])
-        adapter_path = in_workspace(root, settings["inference"]["adapter_path"])
+        adapter_path = adapter_dir(root)
         if not (model_path / "config.json").is_file():
             raise EngineError(f"base model not found in {model_path}: run `python setup/download_model.py` first")
         if not baseonly and not (adapter_path / "adapter_config.json").is_file():
@@ -34,7 +34,8 @@ class Engine(ChatEngine):
         self.device = "cuda" if cuda else "cpu"
         load: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
         # Load the base in 4-bit only where it was fine-tuned that way (QLoRA on CUDA).
-        if settings["inference"]["load_in_4bit"] and cuda and importlib.util.find_spec("bitsandbytes"):
+        trained = (None if baseonly else trained_with(adapter_path)) or settings
+        if trained["train"]["method"] == "qlora" and cuda and importlib.util.find_spec("bitsandbytes"):
             from transformers import BitsAndBytesConfig
 
             load["quantization_config"] = BitsAndBytesConfig(

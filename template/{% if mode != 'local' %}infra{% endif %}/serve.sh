@@ -5,7 +5,7 @@
 set -euo pipefail
 source "$(dirname "$0")/prepare.sh"
 
-read -r MODEL_PATH KEY_ENV < <("$PYTHON" -c 'import tomllib; s = tomllib.load(open("settings.toml", "rb")); print(s["model"]["path"], s["inference"]["api_key_env"] or "-")')
+read -r MODEL_PATH KEY_ENV < <("$PYTHON" -c 'import tomllib; s = tomllib.load(open("settings.toml", "rb")); print(s["model"]["path"], s["serve"]["api_key_env"] or "-")')
 # A remote run left the base model on the share; otherwise (adapter trained elsewhere) get it.
 if [ ! -f "$MODEL_PATH/config.json" ]; then
   "$PYTHON" setup/download_model.py
