@@ -57,7 +57,7 @@ def main() -> None:
     results: dict[str, float] = {}
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, ws / settings["inference"]["adapter_path"]).eval()
+    model = PeftModel.from_pretrained(model, ws / "models" / "adapter").eval()
     prompt = torch.tensor([ids])
 
     def torch_run(n: int) -> None:

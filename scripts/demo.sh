@@ -25,9 +25,9 @@ PY=../.venv/bin/python
 $PY setup/download_model.py 2>&1 | grep -vE "it/s\]|s/it\]|Location .* is ignored" || true
 test -f model-cache/HuggingFaceTB/SmolLM2-135M-Instruct/config.json
 lap "download/convert"
-# Olive's log lines and progress bars are left out; the loss record is in models/lora/adapter.
+# Olive's log lines and progress bars are left out; the loss record is in models/adapter.
 $PY finetuning/invoke_olive.py --no-eval 2>&1 | grep -E "^(Fine-tuning|Resuming|Adapter written|error)" || true
-test -f models/lora/adapter/adapter_config.json
+test -f models/adapter/adapter_config.json
 lap fine-tune
 $PY finetuning/evaluate_adapter.py 2>/dev/null
 lap eval

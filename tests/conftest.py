@@ -125,7 +125,7 @@ def tuned_workspace(render_factory, tmp_path_factory: pytest.TempPathFactory) ->
     assert build.returncode == 0, build.stderr[-3000:]
     tune = run_py(ws, "finetuning/invoke_olive.py")
     assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
-    assert (ws / "models" / "lora" / "adapter" / "adapter_config.json").is_file()
+    assert (ws / "models" / "adapter" / "adapter_config.json").is_file()
     (ws / "finetune.log").write_text(tune.stdout + tune.stderr, "utf-8")
     return ws
 

@@ -187,7 +187,7 @@ def test_requirements_files(ws) -> None:
             assert names == COMMON | {"torch", "bitsandbytes", "onnxruntime-genai-cuda"}
         elif name == "requirements-cpu.txt":
             assert str(reqs["torch"]) == "torch==2.13.0"  # exactly: the installed +cpu build satisfies it
-            method = settings_of(root)["finetuning"]["method"]
+            method = settings_of(root)["train"]["method"]
             assert ("bitsandbytes" in names) == (method == "qlora")
             assert names - {"bitsandbytes"} == COMMON | {"torch", "onnxruntime-genai"}
         else:  # requirements-directml.txt: Windows-native inference only
@@ -584,7 +584,7 @@ def test_readme_is_true(ws) -> None:
     assert run_setup(root, "--help").returncode == 0
 
     # Only the sections for its own answers, and the outputs where settings.toml puts them.
-    assert settings["inference"]["adapter_path"] in text
+    assert "models/adapter" in text
     assert settings["model"]["path"] in text
     assert ("infra/remote.py" in text) == (answers["mode"] != "local")
     if answers["mode"] != "local":
@@ -592,7 +592,7 @@ def test_readme_is_true(ws) -> None:
     assert ("DirectML" in text) == (answers["platform"] == "windows-gpu")
     assert ("WSL2" in text) == (answers["platform"] == "windows-gpu")
     assert ("make finetune" in text) == (answers["mode"] != "remote")
-    assert "finetuning/olive-config.json" in text and "settings.toml" in text
+    assert "--set train." in text and "settings.toml" in text and "olive-config.json" in text
 
 
 # ---------------------------------------------------------------- a real install (slow)

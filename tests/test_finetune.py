@@ -4,6 +4,7 @@ cleanly, and resumes; setup/download_model.py gets the model offline."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -15,31 +16,40 @@ from pathlib import Path
 
 import pytest
 from conftest import PYTHON, run_py
+from tuner import runs
+from tuner.data import load_rows, split_rows
+from tuner.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
-SPLIT = """
-import json
-from pathlib import Path
-from tuner.data import load_rows, split_rows
-from tuner.evaluation import split_params
-from tuner.settings import load_settings
-config = json.load(open("finetuning/olive-config.json"))
-rows = load_rows(load_settings(Path("settings.toml")), Path("."))
-train, held_out = split_rows(rows, *split_params(config))
-print(json.dumps({"train": [r["phrase"] for r in train], "held_out": [r["phrase"] for r in held_out]}))
-"""
+
+def split_of(ws: Path) -> tuple[list[str], list[str]]:
+    """The phrases of the training split and of the held-out split, as the run made them."""
+    settings = load_settings(ws / "settings.toml")
+    train_settings = settings["train"]
+    train, held_out = split_rows(load_rows(settings, ws), train_settings["eval_split"], train_settings["data_seed"])
+    return [r["phrase"] for r in train], [r["phrase"] for r in held_out]
+
+
+def set_train(ws: Path, **values: object) -> None:
+    """Edit [train] values in the workspace's settings.toml, as a user would."""
+    path = ws / "settings.toml"
+    text = path.read_text("utf-8")
+    for key, value in values.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {json.dumps(value)}", text, flags=re.M)
+        assert n == 1, key
+    path.write_text(text, "utf-8")
 
 
 def test_finetune_writes_adapter_and_record(tuned_workspace: Path) -> None:
     """tiny-random (model quality does not matter): the adapter, the loss record and eval.json."""
-    adapter = tuned_workspace / "models" / "lora" / "adapter"
+    adapter = tuned_workspace / "models" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "loss.png").stat().st_size > 1000
     losses = [h["loss"] for h in json.loads((adapter / "log_history.json").read_text()) if "loss" in h]
     assert len(losses) > 3 and losses[-1] < losses[0], losses
     log = (tuned_workspace / "finetune.log").read_text()
-    assert "'loss'" in log and "Adapter written to models/lora/adapter" in log
+    assert "'loss'" in log and "Adapter written to models/adapter" in log
     report = json.loads((adapter / "eval.json").read_text())
     assert report["held_out_rows"] == 42  # 10% of the 420 sample rows
     for which in ("base", "tuned"):
@@ -51,17 +61,15 @@ def test_finetune_writes_adapter_and_record(tuned_workspace: Path) -> None:
 def test_finetune_generalises_to_held_out_phrases(smol_workspace: Path) -> None:
     """A real pretrained model (SmolLM2-135M-Instruct, offline copy), fine-tuned on CPU with the
     catalog's defaults, answers phrases it never trained on far better than the base model."""
-    report = json.loads((smol_workspace / "models" / "lora" / "adapter" / "eval.json").read_text())
+    report = json.loads((smol_workspace / "models" / "adapter" / "eval.json").read_text())
     base, tuned = report["base"]["exact_match"], report["tuned"]["exact_match"]
     print(f"held-out exact match over {report['held_out_rows']} rows: base {base:.1%}, fine-tuned {tuned:.1%}")
     assert tuned >= 0.70 and tuned >= base + 0.40, report
     assert report["tuned"]["perplexity"] < report["base"]["perplexity"]
     # The held-out phrases really are unseen: none of them is in the training split.
-    run = run_py(smol_workspace, "-c", SPLIT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    split = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(split["held_out"]) == report["held_out_rows"] and not set(split["held_out"]) & set(split["train"])
-    assert [e["input"] for e in report["examples"]] == split["held_out"]
+    train, held_out = split_of(smol_workspace)
+    assert len(held_out) == report["held_out_rows"] and not set(held_out) & set(train)
+    assert [e["input"] for e in report["examples"]] == held_out
     log = (smol_workspace / "finetune.log").read_text()
     assert "Held-out evaluation:" in log and log.count("expected:") == 3
 
@@ -104,7 +112,7 @@ def test_no_hub_and_no_offline_copy_is_one_line(render_factory, tmp_path: Path) 
 def adapter_tensors(ws: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(ws / "models" / "lora" / "adapter" / "adapter_model.safetensors")
+    return load_file(ws / "models" / "adapter" / "adapter_model.safetensors")
 
 
 def test_same_answers_same_adapter_other_seed_other_adapter(render_factory, tuned_workspace, tmp_path: Path) -> None:
@@ -117,9 +125,7 @@ def test_same_answers_same_adapter_other_seed_other_adapter(render_factory, tune
         ws = tmp_path / name
         shutil.copytree(render_factory(model="tiny-random", platform="cpu", mode="local", seed=seed), ws)
         shutil.copytree(tuned_workspace / "model-cache", ws / "model-cache")
-        config = ws / "finetuning" / "olive-config.json"
-        config.write_text(config.read_text().replace('"max_steps": -1', '"max_steps": 8'))
-        run = run_py(ws, "finetuning/invoke_olive.py", "--no-eval")
+        run = run_py(ws, "finetuning/invoke_olive.py", "--no-eval", "--set", "train.max_steps=8")
         assert run.returncode == 0, run.stderr[-3000:]
         runs[name] = adapter_tensors(ws)
     assert runs["a"].keys() == runs["b"].keys() == runs["c"].keys()
@@ -202,17 +208,15 @@ def test_kill_and_resume(render_factory, tuned_workspace: Path, tmp_path: Path) 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = int(state.parent.name.split("-")[1])
-    assert not (ws / "models" / "lora" / "adapter").exists()  # nothing that looks finished
+    assert not (ws / "models" / "adapter").exists()  # nothing that looks finished
     run = run_py(ws, "finetuning/invoke_olive.py")
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"Resuming from checkpoint-{step}" in run.stdout
-    assert (ws / "models" / "lora" / "adapter" / "adapter_config.json").is_file()
+    assert (ws / "models" / "adapter" / "adapter_config.json").is_file()
     # A changed dataset is a new run: no stale checkpoint or cache is reused.
     sample = ws / "dataset" / "sample.jsonl"
     sample.write_text("\n".join(sample.read_text().splitlines()[:100]) + "\n")
-    config = ws / "finetuning" / "olive-config.json"
-    config.write_text(config.read_text().replace('"max_steps": -1', '"max_steps": 3'))
-    run = run_py(ws, "finetuning/invoke_olive.py")
+    run = run_py(ws, "finetuning/invoke_olive.py", "--set", "train.max_steps=3")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Resuming" not in run.stdout and "Fine-tuning tiny-random on 100 rows" in run.stdout
 
@@ -225,19 +229,12 @@ def test_help_is_fast_and_clean(render_factory) -> None:
     assert run.returncode == 0 and "--cpu-lora" in run.stdout
 
 
-def short_config(ws: Path, **training_args) -> None:
-    config = ws / "finetuning" / "olive-config.json"
-    data = json.loads(config.read_text())
-    data["passes"]["finetune"]["training_args"].update(training_args)
-    config.write_text(json.dumps(data, indent=2))
-
-
 def test_torn_checkpoints_are_skipped_and_moved_aside(render_factory, tuned_workspace: Path, tmp_path: Path) -> None:
     """A kill while a checkpoint is written leaves an empty folder, or weights without
     trainer_state.json: the next run resumes from the last complete checkpoint instead."""
     ws = bare_workspace(render_factory, tmp_path, platform="cpu")
     shutil.copytree(tuned_workspace / "model-cache", ws / "model-cache")
-    short_config(ws, max_steps=10, save_steps=5)
+    set_train(ws, max_steps=10, save_steps=5)
     first = run_py(ws, "finetuning/invoke_olive.py", "--no-eval")
     assert first.returncode == 0, first.stderr[-3000:]
     [run_dir] = (ws / "models" / "checkpoints").iterdir()
@@ -249,44 +246,40 @@ def test_torn_checkpoints_are_skipped_and_moved_aside(render_factory, tuned_work
     for step in (15, 20):
         assert f"Skipping checkpoint-{step}, written only in part (moved to models/checkpoints/torn/" in again.stdout
         assert (ws / "models" / "checkpoints" / "torn" / f"{run_dir.name}-checkpoint-{step}").is_dir()
-    assert "Resuming from checkpoint-10" in again.stdout and "Adapter written to models/lora/adapter" in again.stdout
+    assert "Resuming from checkpoint-10" in again.stdout and "Adapter written to models/adapter" in again.stdout
 
 
-PUBLISH_KILLED = """
-import os, signal, sys
-sys.path.insert(0, "finetuning")
-import invoke_olive
-from pathlib import Path
-adapter, new = Path("models/lora/adapter"), Path("models/lora/adapter.tmp")
-new.mkdir(parents=True)
-(new / "adapter_config.json").write_text("new")
-calls = []
-def replace(src, dst):
-    calls.append(src)
-    if len(calls) == 2:  # between moving the old adapter aside and putting the new one in place
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.rename(src, dst)
-invoke_olive.os.replace = replace
-invoke_olive.publish(new, adapter)
-"""
+def publish_killed_halfway(adapter: Path) -> None:
+    """In a child process: publish a new adapter, killed between moving the old one aside and
+    putting the new one in place."""
+    new = adapter.with_name("adapter.tmp")
+    new.mkdir(parents=True)
+    (new / "adapter_config.json").write_text("new")
+    calls: list[Path] = []
+    real_replace = os.replace
+
+    def replace(src: Path, dst: Path) -> None:
+        calls.append(src)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+
+    runs.os.replace = replace  # type: ignore[assignment]  (the child's own copy of the module)
+    runs.publish(new, adapter)
 
 
-def test_kill_inside_publish_keeps_the_previous_adapter(render_factory, tmp_path: Path) -> None:
-    ws = bare_workspace(render_factory, tmp_path, platform="cpu")
-    adapter = ws / "models" / "lora" / "adapter"
+def test_kill_inside_publish_keeps_the_previous_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = tmp_path / "models" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("old")
-    killed = run_py(ws, "-c", PUBLISH_KILLED)
-    assert killed.returncode == -signal.SIGKILL
-    assert not adapter.exists() and (ws / "models" / "lora" / "adapter.previous" / "adapter_config.json").is_file()
-    # The next run (stopped here by its missing model, after the repair) restores the previous adapter.
-    run = run_py(
-        ws,
-        "-c",
-        "import sys; sys.path.insert(0, 'finetuning'); import invoke_olive as i; "
-        "i.recover_adapter(i.ROOT / 'models/lora/adapter')",
-    )
-    assert run.returncode == 0 and "Restored the previous adapter in models/lora/adapter" in run.stdout
+    child = multiprocessing.get_context("fork").Process(target=publish_killed_halfway, args=(adapter,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert not adapter.exists() and (tmp_path / "models" / "adapter.previous" / "adapter_config.json").is_file()
+    # The next run repairs it before anything else: the previous adapter is back.
+    runs.recover_adapter(adapter, tmp_path)
+    assert "Restored the previous adapter in models/adapter" in capsys.readouterr().out
     assert (adapter / "adapter_config.json").read_text() == "old"
 
 
@@ -295,7 +288,7 @@ def test_one_run_at_a_time_and_stale_locks_are_taken_over(
 ) -> None:
     ws = bare_workspace(render_factory, tmp_path, platform="cpu")
     shutil.copytree(tuned_workspace / "model-cache", ws / "model-cache")
-    short_config(ws, max_steps=400)
+    set_train(ws, max_steps=400)
     lock = ws / "models" / ".finetune.lock"
     command = [PYTHON, "finetuning/invoke_olive.py", "--no-eval"]
     first = subprocess.Popen(command, cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -311,7 +304,7 @@ def test_one_run_at_a_time_and_stale_locks_are_taken_over(
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert lock.read_text() == str(first.pid)  # a kill leaves the lock behind
-    short_config(ws, max_steps=2)
+    set_train(ws, max_steps=2)
     third = run_py(ws, "finetuning/invoke_olive.py", "--no-eval")
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"Taking over the stale lock of PID {first.pid}, which has ended" in third.stderr

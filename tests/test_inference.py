@@ -1,21 +1,19 @@
 """The rendered workspace's inference front-ends, end to end on the tiny-random CPU workspace:
 console chat, the OpenAI-compatible API and the Gradio page of inference/gradio_chat.py (with the
-official `openai` client and a real Chromium), and the prompt flow node.
+official `openai` client and a real Chromium).
 
 The tiny random model can only memorise, and how well it does is chaotic across machines, so
 these tests never score which tone it picks (that is test_finetune.py's job, on SmolLM2). They
 check what holds everywhere: the fine-tuned model answers in the trained form (one of the six
-tone words), and every front-end (console, API streamed or not, 16 clients at once, the page,
-the flow node) gives exactly the answer the server gave to the same phrase asked alone (greedy).
+tone words), and every front-end (console, API streamed or not, 16 clients at once and the page)
+gives exactly the answer the server gave to the same phrase asked alone (greedy).
 
 Run with `pytest tests/test_inference.py -s` to see the timings printed.
 """
 
 from __future__ import annotations
 
-import ast
 import concurrent.futures
-import json
 import os
 import re
 import shutil
@@ -28,8 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
-from conftest import ARTIFACTS, PYTHON, REPO, Server, free_port, run_py, sample_rows, start_server
+from conftest import ARTIFACTS, PYTHON, Server, free_port, run_py, sample_rows, start_server
 
 KEY = "test-key-7f3a"
 CHROMIUM = "/usr/bin/chromium"
@@ -481,64 +478,6 @@ def test_browser_chat(server: Server, good_rows) -> None:
         finally:
             browser.close()
     print(f"\n[timing] test_browser_chat: {time.monotonic() - start:.1f} s")
-
-
-# --------------------------------------------------------------------------------------------
-# The prompt flow. promptflow itself is not installed for the tests (it is heavy and pins many
-# packages); the flow is checked statically and its node called as the plain function it is
-# without promptflow (flow_chat.py falls back to a no-op @tool).
-
-FLOW_DIR = REPO / "template" / "inference"
-
-
-def test_flow_dag_matches_node() -> None:
-    flow = yaml.safe_load((FLOW_DIR / "flow.dag.yaml").read_text("utf-8"))
-    assert set(flow) >= {"inputs", "outputs", "nodes"}
-    assert flow["inputs"]["question"]["type"] == "string"
-    node_names = {node["name"] for node in flow["nodes"]}
-    for output in flow["outputs"].values():
-        ref = re.fullmatch(r"\$\{(\w+)\.output\}", output["reference"])
-        assert ref and ref.group(1) in node_names, output
-    for node in flow["nodes"]:
-        assert node["type"] == "python" and node["source"]["type"] == "code"
-        source = FLOW_DIR / node["source"]["path"]
-        assert source.is_file(), source
-        tree = ast.parse(source.read_text("utf-8"))
-        tools = [
-            f
-            for f in tree.body
-            if isinstance(f, ast.FunctionDef) and any(getattr(d, "id", None) == "tool" for d in f.decorator_list)
-        ]
-        assert [f.name for f in tools] == [node["name"]], "one @tool function, named like the node"
-        func = tools[0]
-        params = [a.arg for a in func.args.args]
-        required = params[: len(params) - len(func.args.defaults)]
-        inputs = node["inputs"]
-        assert set(inputs) <= set(params), (inputs, params)
-        assert set(required) <= set(inputs), (required, inputs)
-        for value in inputs.values():
-            ref = re.fullmatch(r"\$\{inputs\.(\w+)\}", str(value))
-            assert ref is None or ref.group(1) in flow["inputs"], value
-
-
-@pytest.mark.slow
-def test_flow_node_answers(tuned_workspace: Path, good_rows) -> None:
-    row, earlier = good_rows[0], good_rows[1]
-    as_script = run_py(tuned_workspace, "inference/flow_chat.py", row["phrase"])
-    assert as_script.returncode == 0, as_script.stderr[-3000:]
-    assert as_script.stdout.strip() == row["expected"]
-    # As promptflow calls it: keyword inputs, with promptflow's chat_history shape.
-    history = [{"inputs": {"question": earlier["phrase"]}, "outputs": {"answer": earlier["expected"]}}]
-    code = (
-        "import json, sys; sys.path.insert(0, 'inference'); from flow_chat import chat; "
-        f"print(json.dumps([chat(question={row['phrase']!r}), chat(question={row['phrase']!r}, "
-        f"chat_history={history!r})]))"
-    )
-    called = run_py(tuned_workspace, "-c", code)
-    assert called.returncode == 0, called.stderr[-3000:]
-    plain, with_history = json.loads(called.stdout.strip().splitlines()[-1])
-    assert plain == row["expected"]
-    assert isinstance(with_history, str)
 
 
 @pytest.mark.slow

@@ -248,7 +248,7 @@ def test_external_ingress_requires_an_api_key(ws: Path) -> None:
             assert key in params and is_secure(params[key]), "the API key secret must come from a @secure() param"
             assert params[key].get("default") is None, "the API key must have no default"
             assert decorator(params[key], "min_length") >= 16
-            assert params["apiKeyEnvName"]["default"] == settings["inference"]["api_key_env"]
+            assert params["apiKeyEnvName"]["default"] == settings["serve"]["api_key_env"]
     assert apps == 1
 
 
@@ -395,4 +395,4 @@ def test_job_command_runs_against_a_share_layout(render_factory, tmp_path: Path)
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (share / "models" / "lora" / "adapter" / "adapter_config.json").is_file()
+    assert (share / "models" / "adapter" / "adapter_config.json").is_file()

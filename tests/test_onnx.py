@@ -126,7 +126,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(1)
 tok = AutoTokenizer.from_pretrained(settings["model"]["path"])
 base = AutoModelForCausalLM.from_pretrained(settings["model"]["path"], dtype=torch.float32)
-tuned = PeftModel.from_pretrained(base, settings["inference"]["adapter_path"]).eval()
+tuned = PeftModel.from_pretrained(base, "models/adapter").eval()
 onnx_dir = "models/onnx/fp32"
 models = {name: og.Model(path) for name, path in (("adapter", onnx_dir), ("merged", onnx_dir + "/merged"))}
 adapters = og.Adapters(models["adapter"])
@@ -311,7 +311,7 @@ except EngineError as err:
         assert (
             run.stdout.strip() == f"ONNX model not found in {ws / 'models' / 'onnx' / precision}: run `{command}` first"
         )
-    shutil.rmtree(ws / "models" / "lora" / "adapter")
+    shutil.rmtree(ws / "models" / "adapter")
     export = run_py(ws, "inference/export_onnx.py")
     assert export.returncode == 1
     lines = export.stderr.strip().splitlines()

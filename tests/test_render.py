@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CATALOG, MODES, PLATFORMS, invalid_combinations, render, render_matrix
+from tuner.olive import olive_config
+from tuner.settings import load_settings
 
 BIN = Path(sys.executable).parent
 LEFTOVER = re.compile(r"\{\{|\{%|%\}|<placeholder>")
@@ -71,7 +73,7 @@ def test_render(template_src: Path, tmp_path: Path, model: str, platform: str, m
     assert settings["model"]["id"] == model and settings["model"]["platform"] == platform
     assert (ws / "infra").is_dir() == (mode != "local")
     assert (ws / "dataset" / "sample.jsonl").is_file()
-    config = json.loads((ws / "finetuning" / "olive-config.json").read_text("utf-8"))
+    config = olive_config(load_settings(ws / "settings.toml"), ws, "check")
     (finetune,) = config["passes"].values()
     assert finetune["type"] == ("LoRA" if platform == "cpu" else "QLoRA")
     assert finetune["target_modules"] == next(m for m in CATALOG if m["id"] == model)["lora_targets"]
@@ -109,11 +111,11 @@ def test_validators_refuse_invalid_combinations(template_src: Path, tmp_path: Pa
         ({"project_name": "{{ 7*7 }}"}, "may only contain"),
         ({"project_name": "two\nlines"}, "may only contain"),
         ({"platform": "cpu", "method": "qlora"}, "qlora needs a CUDA GPU"),
-        ({"lora_r": 0}, "lora_r must be between"),
-        ({"learning_rate": -1.0}, "learning_rate must be above 0"),
-        ({"eval_split": 0.9}, "eval_split must be between"),
-        ({"max_steps": 0}, "max_steps must be -1"),
-        ({"max_seq_len": 10**7}, "context length"),
+        ({"customize_training": True, "lora_r": 0}, "lora_r must be between"),
+        ({"customize_training": True, "learning_rate": -1.0}, "learning_rate must be above 0"),
+        ({"customize_training": True, "eval_split": 0.9}, "eval_split must be between"),
+        ({"customize_training": True, "max_steps": 0}, "max_steps must be -1"),
+        ({"customize_training": True, "max_seq_len": 10**7}, "context length"),
         ({"env_name": "my env"}, "env_name"),
         ({"env_name": "a/b"}, "env_name"),
         ({"dataset_source": "local", "dataset_path": "data.txt"}, "must end in .json, .jsonl or .csv"),
@@ -125,6 +127,19 @@ def test_validators_refuse_invalid_combinations(template_src: Path, tmp_path: Pa
 def test_bad_answers_are_refused_with_a_message(template_src: Path, tmp_path: Path, answers, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         render(template_src, tmp_path / "ws", **answers)
+
+
+def test_hyperparameters_are_asked_only_when_customizing(template_src: Path, tmp_path: Path) -> None:
+    """Training hyperparameters stay behind customize_training; either way they land in [train]."""
+    default = render(template_src, tmp_path / "a", model="tiny-random", platform="cpu")
+    answers = yaml.safe_load((default / ".copier-answers.yml").read_text("utf-8"))
+    assert answers["customize_training"] is False and "lora_r" not in answers
+    custom = render(
+        template_src, tmp_path / "b", model="tiny-random", platform="cpu", customize_training=True, lora_r=8
+    )
+    assert yaml.safe_load((custom / ".copier-answers.yml").read_text("utf-8"))["lora_r"] == 8
+    for ws, r in ((default, 16), (custom, 8)):
+        assert load_settings(ws / "settings.toml")["train"]["lora_r"] == r
 
 
 HOSTILE = 'He said "hi" \\ C:\\path\nnew line\ttab — café 日本語 😀 {{ 7*7 }} {% x %} $(rm -rf ~) `id` ../../etc'
@@ -193,12 +208,14 @@ def test_update_keeps_user_edits_and_brings_template_changes(template_src: Path,
     # ...and the template gains a change elsewhere.
     gitignore = tpl / "template" / ".gitignore"
     gitignore.write_text(gitignore.read_text("utf-8") + "# added in v0.2.0\nwandb/\n", "utf-8")
+    # ...and in the same file, on another line.
+    tpl_settings = tpl / "template" / "settings.toml.jinja"
+    tpl_settings.write_text(tpl_settings.read_text("utf-8").replace("top_k = 50", "top_k = 40"), "utf-8")
     git(tpl, "commit", "-qam", "v2")
     git(tpl, "tag", "v0.2.0")
-    run_update(str(ws), defaults=True, overwrite=True, quiet=True, unsafe=True)
-    assert "max_new_tokens = 42" in settings.read_text("utf-8")
-    # The migration in hooks/ backed up the settings as they were before the update.
-    backup = ws / ".copier-backup" / "v0.1.0" / "settings.toml"
-    assert "max_new_tokens = 42" in backup.read_text("utf-8")
+    # No --trust: the template has no tasks, extensions or migrations.
+    run_update(str(ws), defaults=True, overwrite=True, quiet=True, unsafe=False)
+    text = settings.read_text("utf-8")
+    assert "max_new_tokens = 42" in text and "top_k = 40" in text and "<<<<<<<" not in text
     assert "wandb/" in (ws / ".gitignore").read_text("utf-8")
     assert yaml.safe_load((ws / ".copier-answers.yml").read_text("utf-8"))["_commit"] == "v0.2.0"

@@ -16,7 +16,6 @@ by a fingerprint of all of those). With [train] report_to = "tensorboard", watch
 from __future__ import annotations
 
 import argparse
-import atexit
 import copy
 import hashlib
 import importlib.util
@@ -30,6 +29,7 @@ from typing import Any
 from tuner.data import DatasetError, check_lengths, check_rows, load_rows, split_rows
 from tuner.evaluation import evaluate
 from tuner.olive import olive_config
+from tuner.runs import RunError, last_complete_checkpoint, publish, recover_adapter, take_lock
 from tuner.settings import (
     MODELS,
     RUN_RECORD,
@@ -74,69 +74,6 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return digest.hexdigest()[:12]
 
 
-def take_lock(path: Path) -> None:
-    """One fine-tuning run per workspace: a lock file holding the PID, removed at exit. A lock
-    left by a process that is gone (killed, machine restarted) is taken over."""
-    import psutil  # installed with accelerate
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = path.read_text("utf-8").strip()
-            # The PID must be alive and older than the lock (PIDs are reused after a reboot).
-            try:
-                alive = holder.isdigit() and psutil.Process(int(holder)).create_time() <= path.stat().st_mtime + 1
-            except (psutil.Error, OSError):  # the process (or the lock) is gone
-                alive = False
-            if alive:
-                fail(f"another fine-tuning run is in progress in this workspace (PID {holder}, lock {path})")
-            print(f"Taking over the stale lock of PID {holder or '?'}, which has ended", file=sys.stderr)
-            path.unlink(missing_ok=True)
-            continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        atexit.register(path.unlink, missing_ok=True)
-        return
-    fail(f"cannot take the lock {path}: another run took it at the same moment")
-
-
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that was written completely (trainer_state.json, written last, is
-    there and parses). Torn ones, from a run killed while saving, are moved aside to torn/."""
-    good = None
-    for checkpoint in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
-            good = checkpoint
-        except (OSError, ValueError):
-            aside = folder.parent / "torn" / f"{folder.name}-{checkpoint.name}"
-            shutil.rmtree(aside, ignore_errors=True)
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(checkpoint, aside)
-            print(f"Skipping {checkpoint.name}, written only in part (moved to {aside.relative_to(ROOT)})")
-    return good
-
-
-def publish(new: Path, adapter: Path) -> None:
-    """Put `new` in place of `adapter` by two renames, keeping the previous adapter until the
-    new one is in place; a kill between them is repaired by recover_adapter()."""
-    previous = adapter.with_name(adapter.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if adapter.exists():
-        os.replace(adapter, previous)
-    os.replace(new, adapter)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def recover_adapter(adapter: Path) -> None:
-    previous = adapter.with_name(adapter.name + ".previous")
-    if previous.is_dir() and not adapter.exists():
-        os.replace(previous, adapter)
-        print(f"Restored the previous adapter in {adapter.relative_to(ROOT)} (a run was stopped while publishing)")
-
-
 def plot_loss(log_history: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -158,7 +95,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="change a setting for this run only, e.g. --set train.num_train_epochs=2 (repeatable)",
     )
     parser.add_argument("--cpu-lora", action="store_true", help="a QLoRA workspace trains as LoRA in float32")
@@ -201,9 +142,12 @@ def main() -> None:
 
     # 2. One run at a time per workspace. The run's checkpoints, cache and logs are keyed by
     # its fingerprint.
-    take_lock(ROOT / MODELS / ".finetune.lock")
+    try:
+        take_lock(ROOT / MODELS / ".finetune.lock")
+    except RunError as err:
+        fail(str(err))
     adapter = adapter_dir(ROOT)
-    recover_adapter(adapter)
+    recover_adapter(adapter, ROOT)
     fp = fingerprint(settings)
     config = olive_config(settings, ROOT, fp)
     checkpoints = Path(config["passes"]["finetune"]["training_args"]["output_dir"])
@@ -218,7 +162,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
-    last = last_complete_checkpoint(checkpoints)
+    last = last_complete_checkpoint(checkpoints, ROOT)
     if last:
         print(f"Resuming from {last.name} in {checkpoints.relative_to(ROOT)}", flush=True)
         config["passes"]["finetune"]["training_args"]["resume_from_checkpoint"] = str(last)
@@ -247,7 +191,7 @@ def main() -> None:
     shutil.copytree(found[-1].parent, tmp)
     (tmp / "olive-config.json").write_text(json.dumps(config, indent=1), "utf-8")
     (tmp / RUN_RECORD).write_text(json.dumps({"run": fp, "settings": settings}, indent=1), "utf-8")
-    last = last_complete_checkpoint(checkpoints)
+    last = last_complete_checkpoint(checkpoints, ROOT)
     log_history: list[dict[str, Any]] = []
     if last:
         log_history = json.loads((last / "trainer_state.json").read_text("utf-8"))["log_history"]

@@ -52,7 +52,7 @@ def olive_config(settings: dict[str, Any], root: Path, run: str) -> dict[str, An
     if has_eval:
         lora["eval_data_config"] = "eval"
     if train["method"] == "qlora":
-        lora.update(compute_dtype=train["compute_dtype"], quant_type=train["quant_type"], double_quant=train["double_quant"])
+        lora.update({key: train[key] for key in ("compute_dtype", "quant_type", "double_quant")})
     lora["training_args"] = {key: train[key] for key in TRAINER_KEYS} | {
         "save_strategy": "steps",
         "save_total_limit": 2,
@@ -60,8 +60,11 @@ def olive_config(settings: dict[str, Any], root: Path, run: str) -> dict[str, An
         "report_to": train["report_to"],
         "output_dir": str(in_workspace(root, CHECKPOINTS) / run),
     }
-    accelerator = {"device": device(settings)}
-    accelerator["execution_providers"] = ["CPUExecutionProvider" if accelerator["device"] == "cpu" else "CUDAExecutionProvider"]
+    on_cpu = device(settings) == "cpu"
+    accelerator = {
+        "device": "cpu" if on_cpu else "gpu",
+        "execution_providers": ["CPUExecutionProvider" if on_cpu else "CUDAExecutionProvider"],
+    }
 
     def data_config(split: str) -> dict[str, Any]:
         # The components are registered by finetuning/user_script.py. They get the settings of

@@ -186,7 +186,7 @@ def with_overrides(settings: dict[str, Any], overrides: list[str]) -> dict[str, 
             if type(old) is float and type(value) is int:
                 value = float(value)
             if type(value) is not type(old):
-                raise SettingsError(f"--set {name}={text}: expected a {type(old).__name__} like {_toml(old)}")
+                raise SettingsError(f"--set {name}={text}: expected a value of the same kind as {_toml(old)}")
         table[key] = value
     if overrides and "train" in settings:
         check_train(settings)
