@@ -100,7 +100,7 @@ def test_local_mode_renders_no_infra(render_factory) -> None:
 
 def test_every_infra_file_parses(ws: Path, tmp_path: Path) -> None:
     files = sorted(p for p in (ws / "infra").rglob("*") if p.is_file())
-    expected = {"remote.py", "job.sh", "serve.sh", "prepare.sh", "azure.toml", "finetuning.bicep", "inference.bicep"}
+    expected = {"remote.py", "job.sh", "serve.sh", "prepare.sh", "azureml.sh", "finetuning.bicep", "inference.bicep"}
     expected |= {"environment.bicep", "finetuning.parameters.json", "inference.parameters.json"}
     assert expected <= {p.name for p in files}
     for path in files:
@@ -159,8 +159,9 @@ def test_parameter_files_fit_the_bicep(ws: Path) -> None:
         for k in ("finetuning", "inference")
     }
     assert len(images) == 1, "the job and the app should run the same image"
-    azure = tomllib.loads((ws / "infra" / "azure.toml").read_text("utf-8"))["azure"]
+    azure = tomllib.loads((ws / "settings.toml").read_text("utf-8"))["azure"]
     assert azure["location"] == a["azure_region"] and azure["resource_group"]
+    assert azure["subscription"] == azure["ml_workspace"] == azure["ml_compute"] == "", "the user fills these"
 
 
 def test_gpu_profile_follows_model_size(ws: Path) -> None:
@@ -324,9 +325,10 @@ def test_checkov_passes(render_factory, tmp_path: Path) -> None:
 
 def test_remote_py_is_clean_and_quick(ws: Path) -> None:
     script = ws / "infra" / "remote.py"
+    package = [ws / "tuner" / f"{name}.py" for name in ("settings", "azure", "remote", "azureml")]
     ruff = shutil.which("ruff") or str(Path(PY).parent / "ruff")
     for args in (["check"], ["format", "--check"]):
-        proc = subprocess.run([ruff, *args, str(script)], cwd=ws, capture_output=True, text=True)
+        proc = subprocess.run([ruff, *args, str(script), *map(str, package)], cwd=ws, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     start = time.monotonic()
     env = {"PATH": "", "PYTHONPATH": str(ws)}  # no tools, only the workspace package
@@ -334,18 +336,17 @@ def test_remote_py_is_clean_and_quick(ws: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - start < 5
     commands = ["provision-finetuning", "set-secret", "upload", "run-finetuning", "status", "logs", "fetch"]
-    commands += ["provision-inference", "deploy-inference", "endpoint"]
+    commands += ["provision-inference", "deploy-inference", "endpoint", "finetune"]
     for command in commands:
         assert command in proc.stdout
-    # Standard library only, and the workspace's settings loader, which is standard library only too.
-    imports = re.findall(r"^(?:from|import) (\w+)", script.read_text("utf-8"), re.M)
-    assert set(imports) <= set(sys.stdlib_module_names) | {"__future__", "tuner"}, imports
-    loader = re.findall(r"^(?:from|import) (\w+)", (ws / "tuner" / "settings.py").read_text("utf-8"), re.M)
-    assert set(loader) <= set(sys.stdlib_module_names) | {"__future__"}, loader
+    # Standard library only, and the workspace's package modules it uses, standard library only too.
+    for path in (script, *package):
+        imports = re.findall(r"^(?:from|import) (\w+)", path.read_text("utf-8"), re.M)
+        assert set(imports) <= set(sys.stdlib_module_names) | {"__future__", "tuner"}, (path.name, imports)
 
 
 def test_secret_names_match_between_bicep_and_tool(ws: Path) -> None:
-    tool = (ws / "infra" / "remote.py").read_text("utf-8")
+    tool = (ws / "tuner" / "remote.py").read_text("utf-8")
     ft = bicep(ws / "infra" / "provision" / "finetuning.bicep")
     inf = bicep(ws / "infra" / "provision" / "inference.bicep")
     assert f'HF_SECRET = "{resolve(ft, "hfTokenSecretName")}"' in tool
@@ -396,3 +397,45 @@ def test_job_command_runs_against_a_share_layout(render_factory, tmp_path: Path)
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (share / "models" / "adapter" / "adapter_config.json").is_file()
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "${LOCAL_RANK}:$*" >> "$FAKE_LOG"
+case "$1" in
+  setup/download_model.py) [ -z "${FAIL_DOWNLOAD:-}" ] || exit 3 ;;
+  finetuning/train_sft.py) mkdir -p "$ADAPTER_PATH" && echo '{}' > "$ADAPTER_PATH/adapter_config.json" ;;
+esac
+"""
+
+
+def test_azureml_command_gets_the_model_once_per_node_then_trains(render_factory, tmp_path: Path) -> None:
+    """infra/azureml.sh, as two processes of one node run it (Azure ML sets the ranks), with a fake
+    python that logs what it is asked to run."""
+    ws = render_factory(model="tiny-random", platform="cpu", mode="remote")
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PYTHON, "utf-8")
+    fake.chmod(0o755)
+
+    def start(code: Path, rank: int, **extra: str) -> subprocess.Popen:
+        env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "FAKE_LOG": str(code / "calls.log"), **extra}
+        env |= {"LOCAL_RANK": str(rank), "RANK": str(rank), "ADAPTER_PATH": "models/adapter"}
+        return subprocess.Popen(["bash", str(code / "infra" / "azureml.sh")], cwd=tmp_path, env=env)
+
+    code = tmp_path / "code"
+    shutil.copytree(ws, code)
+    second = start(code, 1)  # starts first, and waits for the model
+    assert start(code, 0).wait(60) == 0
+    assert second.wait(60) == 0
+    calls = (code / "calls.log").read_text("utf-8").splitlines()
+    train = "finetuning/train_sft.py --settings settings.toml"
+    assert sorted(calls) == sorted(["0:setup/download_model.py", f"0:{train}", f"1:{train}"])
+    assert calls.index("0:setup/download_model.py") < calls.index(f"1:{train}")
+    assert (code / "outputs" / "adapter" / "adapter_config.json").is_file()
+
+    # A failed download fails the processes waiting for it too, instead of leaving them waiting.
+    code = tmp_path / "failing"
+    shutil.copytree(ws, code)
+    assert start(code, 0, FAIL_DOWNLOAD="1").wait(60) == 1
+    assert start(code, 1).wait(60) == 1
+    assert "train_sft" not in (code / "calls.log").read_text("utf-8")

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tuner import remote as package
+from tuner.azure import AzureError
+from tuner.settings import SettingsError
 
 PY = sys.executable
 TOKEN = "hf_FAKEtokenFORtests0123456789abcdef"
@@ -39,6 +42,15 @@ if argv[:3] == ["storage", "file", "upload-batch"]:
     entry["files"] = sorted(
         os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/") for d, _, fs in os.walk(src) for f in fs
     )
+    if os.path.exists(os.path.join(src, "settings.toml")):
+        entry["settings"] = open(os.path.join(src, "settings.toml"), encoding="utf-8").read()
+if argv[:3] == ["ml", "job", "create"]:  # the job file and the folders staged beside it
+    top = os.path.dirname(argv[argv.index("--file") + 1])
+    entry["staged"] = sorted(
+        os.path.relpath(os.path.join(d, f), top).replace(os.sep, "/") for d, _, fs in os.walk(top) for f in fs
+    )
+    wanted = [f for f in entry["staged"] if not f.startswith("code/") or f in ("code/.amlignore", "code/settings.toml")]
+    entry["texts"] = {f: open(os.path.join(top, f), encoding="utf-8").read() for f in wanted}
 log = os.environ["FAKE_AZ_LOG"]
 with open(log, "a") as f:
     f.write(json.dumps(entry) + "\\n")
@@ -102,7 +114,7 @@ def default_rules() -> dict[str, list[dict[str, Any]]]:
         "storage file download-batch": [
             {
                 "stdout": [],
-                "create": {"models/lora/adapter/adapter_config.json": "{}", "models/lora/adapter/w": "x"},
+                "create": {"models/adapter/adapter_config.json": "{}", "models/adapter/w": "x"},
             }
         ],
         "containerapp job secret set": [{"stdout": [{"name": "hf-token"}]}],
@@ -326,7 +338,7 @@ def test_upload_leaves_out_models_caches_venvs_and_secrets(remote: Remote) -> No
     ws = remote.ws
     for rel in (
         "model-cache/tiny-random/config.json",
-        "models/lora/adapter/adapter_config.json",
+        "models/adapter/adapter_config.json",
         ".git/HEAD",
         ".venv/pyvenv.cfg",
         ".venv/lib/site.py",
@@ -371,7 +383,7 @@ def test_upload_leaves_out_models_caches_venvs_and_secrets(remote: Remote) -> No
 
 
 def test_upload_leaves_out_secret_files_at_any_depth_and_says_which(remote: Remote) -> None:
-    """Every kind on the documented list (infra/remote.py SECRET_FILES, SECRET_DIRS), at the top
+    """Every kind on the documented list (tuner/remote.py SECRET_FILES, SECRET_DIRS), at the top
     and in subfolders, stays home; look-alikes and ordinary files still go; one line names them."""
     remote.configure("finetuning")
     secret_files = [
@@ -474,14 +486,14 @@ def test_logs_exit_non_zero_when_the_run_fails(remote: Remote) -> None:
 
 def test_fetch_replaces_the_local_adapter(remote: Remote) -> None:
     remote.configure("finetuning")
-    adapter = remote.ws / "models" / "lora" / "adapter"
+    adapter = remote.ws / "models" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "stale.bin").write_text("old", "utf-8")
     proc = remote.run("fetch")
     assert proc.returncode == 0, proc.stderr
     assert remote.commands() == ["account show", "storage account keys list", "storage file download-batch"]
     download = remote.calls()[-1]["argv"]
-    assert value_of(download, "--pattern") == "models/lora/adapter/*"
+    assert value_of(download, "--pattern") == "models/adapter/*"
     assert value_of(download, "--source") == "workspace"
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "stale.bin").exists()
     assert [p.name for p in adapter.parent.iterdir()] == ["adapter"], "no temporary folder left behind"
@@ -510,17 +522,17 @@ def test_deploy_inference_syncs_and_restarts(remote: Remote) -> None:
     restart = remote.calls()[-1]["argv"]
     assert value_of(restart, "--revision") == f"{APP}--rev1" and value_of(restart, "-n") == APP
     assert proc.stdout.strip() == ENDPOINT
-    assert "models/lora/adapter/adapter_config.json" not in remote.calls()[2]["files"]
+    assert "models/adapter/adapter_config.json" not in remote.calls()[2]["files"]
 
 
 def test_deploy_inference_with_a_local_adapter(remote: Remote) -> None:
     remote.configure("inference")
-    adapter = remote.ws / "models" / "lora" / "adapter"
+    adapter = remote.ws / "models" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}", "utf-8")
     proc = remote.run("deploy-inference", "--with-adapter")
     assert proc.returncode == 0, proc.stderr
-    assert "models/lora/adapter/adapter_config.json" in remote.calls()[2]["files"]
+    assert "models/adapter/adapter_config.json" in remote.calls()[2]["files"]
 
 
 def test_endpoint(remote: Remote) -> None:
@@ -576,3 +588,177 @@ def test_missing_config_says_which_command_to_run(remote: Remote) -> None:
         one_error_line(remote.run(command), "provision-finetuning")
     one_error_line(remote.run("deploy-inference"), "provision-inference")
     assert remote.calls() == []
+
+
+# ---------------------------------------------------------------- finetune: the targets
+
+
+def set_azure(remote: Remote, **values: str) -> None:
+    """Fill [azure] keys of the workspace's settings.toml, as a user would."""
+    path = remote.ws / "settings.toml"
+    text = path.read_text("utf-8")
+    for key, value in values.items():
+        assert f'\n{key} = ""\n' in text, key
+        text = text.replace(f'\n{key} = ""\n', f"\n{key} = {json.dumps(value)}\n")
+    path.write_text(text, "utf-8")
+
+
+def test_finetune_defaults_to_the_container_apps_job(remote: Remote) -> None:
+    remote.configure("finetuning")
+    proc = remote.run("finetune", "--no-upload")
+    assert proc.returncode == 0, proc.stderr
+    assert remote.commands() == ["account show", "containerapp job start"]
+    assert proc.stdout.strip() == "job-my-finetune-abc12"
+    remote.log.unlink()
+    proc = remote.run("finetune", "--target", "containerapps")
+    assert proc.returncode == 0, proc.stderr
+    assert remote.commands() == [
+        "account show",
+        "storage account keys list",
+        "storage file upload-batch",
+        "containerapp job start",
+    ]
+
+
+def test_finetune_on_azureml_submits_a_multi_node_command_job(remote: Remote) -> None:
+    import yaml
+
+    set_azure(remote, ml_workspace="mlw-finetune", ml_compute="gpu-a100x8")
+    remote.rules["ml job create"] = [
+        {"stdout": {"name": "sharp_lamp_x1", "services": {"Studio": {"endpoint": "https://ml.azure.com/runs/x1"}}}}
+    ]
+    for rel in (".env", "keys/server.pem", ".ssh/id_rsa", "models/adapter/adapter_config.json"):
+        (remote.ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (remote.ws / rel).write_text(TOKEN, "utf-8")
+    proc = remote.run("finetune", "--target", "azureml", "--nodes", "2", "--gpus-per-node", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "sharp_lamp_x1"
+    assert "az ml job stream -n sharp_lamp_x1" in proc.stderr and "https://ml.azure.com/runs/x1" in proc.stderr
+    assert remote.commands() == ["account show", "ml job create"]
+    call = remote.calls()[-1]
+    argv = call["argv"]
+    assert value_of(argv, "-g") == RG and value_of(argv, "-w") == "mlw-finetune"
+    assert Path(value_of(argv, "--file")).name == "job.yml" and argv[-2:] == ["-o", "json"]
+
+    job = yaml.safe_load(call["texts"]["job.yml"])
+    assert job["type"] == "command" and job["code"] == "code"
+    assert job["compute"] == "azureml:gpu-a100x8"
+    assert job["resources"] == {"instance_count": 2}
+    assert job["distribution"] == {"type": "pytorch", "process_count_per_instance": 8}
+    assert job["command"] == "bash infra/azureml.sh"
+    assert job["environment"] == {"build": {"path": "environment"}}
+    assert job["environment_variables"] == {"ADAPTER_PATH": "models/adapter"}
+
+    # The code folder is the workspace as an upload sends it: no secrets, models or caches.
+    code = {f.removeprefix("code/") for f in call["staged"] if f.startswith("code/")}
+    assert {"settings.toml", "infra/azureml.sh", "setup/download_model.py", "tuner/data.py"} <= code
+    assert not {".env", "keys/server.pem", ".ssh/id_rsa"} & code
+    assert not any(f.startswith(("models/", "model-cache/")) for f in code)
+    # Azure ML is told the same list, in .amlignore (which it reads instead of .gitignore).
+    ignored = set(call["texts"]["code/.amlignore"].splitlines())
+    assert {".env*", "*.pem", "*.key", ".netrc", ".git-credentials", ".ssh/", ".azure/", "/models/"} <= ignored
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("Left out, as they may hold secrets: ")]
+    assert line.endswith(".env, .ssh/, keys/server.pem")
+
+    # The image: the Container Apps job's base image, then torch, then the rest, as setup.sh does.
+    docker = call["texts"]["environment/Dockerfile"]
+    image = json.loads((remote.ws / "infra" / "provision" / "finetuning.parameters.json").read_text("utf-8"))
+    assert docker.splitlines()[0] == f"FROM {image['parameters']['image']['value']}"
+    assert docker.index("requirements-torch-cuda.txt") < docker.index("-r /tmp/requirements-cuda.txt")
+    for name in ("requirements-torch-cuda.txt", "requirements-cuda.txt"):
+        assert call["texts"][f"environment/{name}"] == (remote.ws / "setup" / name).read_text("utf-8")
+    assert TOKEN not in proc.stdout + proc.stderr + json.dumps(call)
+
+
+def test_finetune_on_azureml_needs_the_ml_names(remote: Remote) -> None:
+    proc = remote.run("finetune", "--target", "azureml")
+    assert proc.returncode == 1
+    one_error_line(proc, "--target azureml", "ml_workspace and ml_compute")
+    set_azure(remote, ml_workspace="mlw-finetune")
+    line = one_error_line(remote.run("finetune", "--target", "azureml"), "ml_compute", "settings.toml")
+    assert "ml_workspace" not in line
+    assert remote.calls() == [], "nothing is asked of Azure before the settings are complete"
+
+
+def test_finetune_on_azureml_refuses_a_gated_model(gated: Remote) -> None:
+    set_azure(gated, ml_workspace="mlw", ml_compute="gpus")
+    one_error_line(gated.run("finetune", "--target", "azureml"), "gated", "HF_TOKEN")
+    assert gated.calls() == []
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--target", "azureml", "--nodes", "0"], ["--nodes", "1 or more"]),
+        (["--target", "azureml", "--gpus-per-node", "-2"], ["--gpus-per-node", "1 or more"]),
+        (["--nodes", "2"], ["--target azureml"]),
+        (["--target", "azureml", "--no-upload"], ["--no-upload"]),
+    ],
+)
+def test_finetune_refuses_bad_arguments(remote: Remote, args: list[str], words: list[str]) -> None:
+    proc = remote.run("finetune", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert all(w in line for w in words), line
+    assert remote.calls() == []
+
+
+# ---------------------------------------------------------------- --settings PATH
+
+
+def test_settings_path_is_what_the_remote_run_reads(remote: Remote, tmp_path: Path) -> None:
+    remote.configure("finetuning")
+    other = tmp_path / "experiment.toml"
+    text = (remote.ws / "settings.toml").read_text("utf-8")
+    other.write_text(text + "\n# the experiment's settings\n", "utf-8")
+    for args in (["--settings", str(other), "upload"], ["upload", "--settings", str(other)]):
+        proc = remote.run(*args)
+        assert proc.returncode == 0, proc.stderr
+    # The share gets the file given as its settings.toml; the workspace's own file is untouched.
+    staged = [c for c in remote.calls() if c["argv"][:3] == ["storage", "file", "upload-batch"]]
+    assert [c["settings"] for c in staged] == [other.read_text("utf-8")] * 2
+    assert (remote.ws / "settings.toml").read_text("utf-8") == text
+    # A file without [azure] (a local workspace's) is one line naming it.
+    other.write_text(text.split("\n[azure]")[0], "utf-8")
+    one_error_line(remote.run("--settings", str(other), "status"), str(other), "[azure]")
+
+
+# ---------------------------------------------------------------- tuner/remote.py, imported directly
+
+
+def test_stage_sends_the_given_settings_and_leaves_the_workspace_alone(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    files = ["settings.toml", "tuner/data.py", ".env.local", "Server.PEM", "sub/.ssh/id", "models/a/w", "v/pyvenv.cfg"]
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel, "utf-8")
+    other = tmp_path / "experiment.toml"
+    other.write_text("[azure]\n", "utf-8")
+    ctx = package.Context(root, other, {})
+    dest = tmp_path / "staged"
+    assert package.stage(ctx, dest) == 2  # settings.toml and tuner/data.py
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "settings.toml",
+        "tuner/data.py",
+    ]
+    assert (dest / "settings.toml").read_text("utf-8") == "[azure]\n"
+    # The staged copy was a hard link to the workspace's file: replacing it must not write through.
+    assert (root / "settings.toml").read_text("utf-8") == "settings.toml"
+
+
+def test_load_context_checks_the_azure_section(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[azure]\nresource_group = "rg"\nlocation = "westus3"\nsubscription = "sub-1"\n', "utf-8")
+    ctx = package.load_context(tmp_path, path)
+    assert ctx.az.subscription == "sub-1" and ctx.infra == tmp_path / "infra"
+    path.write_text('[azure]\nresource_group = "rg"\n', "utf-8")
+    with pytest.raises(AzureError, match=r"s\.toml needs \[azure\] resource_group and location$"):
+        package.load_context(tmp_path, path)
+    # A workspace from before [azure] moved here is told where it went.
+    (tmp_path / "infra").mkdir()
+    (tmp_path / "infra" / "azure.toml").write_text('[azure]\nresource_group = "rg"\n', "utf-8")
+    with pytest.raises(AzureError, match=r"infra/azure\.toml is no longer read: move its \[azure\] there"):
+        package.load_context(tmp_path, path)
+    path.write_text("[azure\n", "utf-8")
+    with pytest.raises(SettingsError, match="invalid TOML"):
+        package.load_context(tmp_path, path)

@@ -72,6 +72,7 @@ def test_render(template_src: Path, tmp_path: Path, model: str, platform: str, m
     settings = tomllib.loads((ws / "settings.toml").read_text("utf-8"))
     assert settings["model"]["id"] == model and settings["model"]["platform"] == platform
     assert (ws / "infra").is_dir() == (mode != "local")
+    assert ("azure" in settings) == (mode != "local"), "[azure] only where infra/remote.py reads it"
     assert (ws / "dataset" / "sample.jsonl").is_file()
     config = olive_config(load_settings(ws / "settings.toml"), ws, "check")
     (finetune,) = config["passes"].values()

@@ -9,6 +9,9 @@
     onnx_engine    the engine on onnxruntime-genai (inference/export_onnx.py's output)
     backends       load_engine(): the engine the settings ask for
     api            the OpenAI-compatible routes and the Gradio page (inference/gradio_chat.py)
+    azure          the Azure CLI (az): run with JSON output, failures as one line, login and region checks
+    remote         infra/remote.py's commands on Azure Container Apps: config files, upload, jobs, the app
+    azureml        infra/remote.py finetune --target azureml: a multi-node Azure ML command job
 
 Nothing here reads a file or touches the environment when imported: every function takes the
 settings (and the workspace root, for relative paths) it needs.

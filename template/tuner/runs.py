@@ -32,7 +32,8 @@ def take_lock(path: Path) -> None:
             except (psutil.Error, OSError):  # the process (or the lock) is gone
                 alive = False
             if alive:
-                raise RunError(f"another fine-tuning run is in progress in this workspace (PID {holder}, lock {path})")
+                busy = f"another fine-tuning run is in progress in this workspace (PID {holder}, lock {path})"
+                raise RunError(busy) from None
             print(f"Taking over the stale lock of PID {holder or '?'}, which has ended", file=sys.stderr)
             path.unlink(missing_ok=True)
             continue

@@ -36,7 +36,7 @@ param port int = 7860
 @maxValue(1)
 param minReplicas int = 0
 
-@description('Environment variable through which the server reads its API key (settings.toml [inference] api_key_env).')
+@description('Environment variable through which the server reads its API key (settings.toml [serve] api_key_env).')
 param apiKeyEnvName string = 'FINETUNE_API_KEY'
 
 @description('API key every request must carry. Stored only as a Container Apps secret.')
