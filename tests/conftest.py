@@ -104,6 +104,26 @@ def render_factory(template_src: Path, tmp_path_factory: pytest.TempPathFactory)
     return _render
 
 
+# (model, platform, mode) for the environment tests: every platform, every mode, a gated model
+# and a model without an ONNX build.
+ENV_RENDERS = [
+    ("tiny-random", "cpu", "local"),
+    ("microsoft/Phi-3-mini-4k-instruct", "cuda", "local"),
+    ("microsoft/Phi-3-mini-4k-instruct", "windows-gpu", "both"),
+    ("meta-llama/Llama-3.2-1B-Instruct", "cpu", "remote"),
+    ("meta-llama/Llama-3.2-1B-Instruct", "windows-gpu", "local"),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "cuda", "remote"),
+]
+
+
+@pytest.fixture(params=ENV_RENDERS, ids=[f"{m.split('/')[-1]}-{p}-{mo}" for m, p, mo in ENV_RENDERS])
+def ws(request, render_factory) -> tuple[Path, dict]:
+    """One render per row of ENV_RENDERS, with its answers."""
+    model, platform, mode = request.param
+    root = render_factory(model=model, platform=platform, mode=mode)
+    return root, {"model": model, "platform": platform, "mode": mode}
+
+
 PYTHON = sys.executable
 
 

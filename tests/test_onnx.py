@@ -4,28 +4,22 @@ tested without network) and the fine-tuned adapter exported for onnxruntime-gena
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import socket
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import CATALOG, PLATFORMS, REPO, run_py
 from tuner import hub
+from tuner.settings import load_settings
 
 PHI3 = "microsoft/Phi-3-mini-4k-instruct"
-
-
-# The start of the scripts run inside a workspace: its settings and root.
-IN_WORKSPACE = """
-from pathlib import Path
-from tuner.settings import load_settings
-root = Path(".").resolve()
-settings = load_settings(root / "settings.toml")
-"""
 
 
 def with_onnx_settings(ws: Path) -> dict:
@@ -114,76 +108,98 @@ def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------- export and engine (slow)
+# In this process: the package (template/tuner) with a workspace's settings and root.
 
-LOGITS = (
-    IN_WORKSPACE
-    + """
-import json, sys, numpy as np, torch
-import onnxruntime_genai as og
-from tuner.data import load_rows, split_rows, to_messages
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-torch.set_num_threads(1)
-tok = AutoTokenizer.from_pretrained(settings["model"]["path"])
-base = AutoModelForCausalLM.from_pretrained(settings["model"]["path"], dtype=torch.float32)
-tuned = PeftModel.from_pretrained(base, "models/adapter").eval()
-onnx_dir = "models/onnx/fp32"
-models = {name: og.Model(path) for name, path in (("adapter", onnx_dir), ("merged", onnx_dir + "/merged"))}
-adapters = og.Adapters(models["adapter"])
-adapters.load(onnx_dir + "/adapter.onnx_adapter", "finetuned")
-train, _ = split_rows(load_rows(settings, root), 0.1, 42)
-diffs = {"adapter": 0.0, "merged": 0.0, "base": 0.0}
-def first_logits(model, ids, adapter):
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1)
-    generator = og.Generator(model, params)
-    if adapter:
-        generator.set_active_adapter(adapters, "finetuned")
-    generator.append_tokens(np.array([ids], dtype=np.int32))
-    logits = generator.get_output("logits")
-    return logits.reshape(-1, logits.shape[-1])[-1]
-for row in train[:8]:
-    text = tok.apply_chat_template(to_messages(row, settings)[:-1], add_generation_prompt=True, tokenize=False)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    with torch.inference_mode():
-        ref = tuned(torch.tensor([ids])).logits[0, -1].numpy()
-        with tuned.disable_adapter():
-            ref_base = tuned(torch.tensor([ids])).logits[0, -1].numpy()
-    for name, model, adapter, want in (
-        ("adapter", models["adapter"], True, ref),
-        ("merged", models["merged"], False, ref),
-        ("base", models["adapter"], False, ref_base),
-    ):
-        diffs[name] = max(diffs[name], float(np.abs(first_logits(model, ids, adapter) - want).max()))
-print(json.dumps(diffs))
-"""
-)
 
-TONES = (
-    IN_WORKSPACE
-    + """
-import json, sys
-from tuner.data import load_rows, split_rows, to_messages
-from tuner.onnx_engine import OnnxEngine
-train, _ = split_rows(load_rows(settings, root), 0.1, 42)
-tones = {row["tone"] for row in train}
-result = {}
-for name, baseonly in (("adapter", False), ("base", True)):
-    engine = OnnxEngine(settings, root, baseonly=baseonly, precision=sys.argv[1])
-    right = tone = 0
-    for row in train:
-        stats = {}
-        answer = "".join(engine.stream(to_messages(row, settings)[:-1], max_new_tokens=4, stats=stats)).strip()
-        right += answer == row["tone"]
-        tone += answer in tones
-        assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0
-    result[name] = right / len(train)
-    result[name + "_tone_word"] = tone / len(train)
-    result[name + "_finish"] = stats["finish_reason"]
-    result[name + "_model"] = engine.model_name
-print(json.dumps(result))
-"""
-)
+def in_workspace(ws: Path) -> tuple[dict, Path]:
+    return load_settings(ws / "settings.toml"), ws
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """tiny-random's matrices are tiny: one thread is faster and gives steady numbers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def first_token_diffs(ws: Path) -> dict[str, float]:
+    """max |logits| difference of the first answer token: onnxruntime-genai vs transformers + peft."""
+    import numpy as np
+    import onnxruntime_genai as og
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tuner.data import load_rows, split_rows, to_messages
+
+    settings, root = in_workspace(ws)
+    model_path = root / settings["model"]["path"]
+    tok = AutoTokenizer.from_pretrained(model_path)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, root / "models" / "adapter").eval()
+    onnx_dir = root / "models" / "onnx" / "fp32"
+    models = {"adapter": og.Model(str(onnx_dir)), "merged": og.Model(str(onnx_dir / "merged"))}
+    adapters = og.Adapters(models["adapter"])
+    adapters.load(str(onnx_dir / "adapter.onnx_adapter"), "finetuned")
+
+    def first_logits(model: og.Model, ids: list[int], adapter: bool) -> np.ndarray:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 1)
+        generator = og.Generator(model, params)
+        if adapter:
+            generator.set_active_adapter(adapters, "finetuned")
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        logits = generator.get_output("logits")
+        return logits.reshape(-1, logits.shape[-1])[-1]
+
+    train, _ = split_rows(load_rows(settings, root), 0.1, 42)
+    diffs = {"adapter": 0.0, "merged": 0.0, "base": 0.0}
+    for row in train[:8]:
+        text = tok.apply_chat_template(to_messages(row, settings)[:-1], add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            ref = tuned(torch.tensor([ids])).logits[0, -1].numpy()
+            with tuned.disable_adapter():
+                ref_base = tuned(torch.tensor([ids])).logits[0, -1].numpy()
+        for name, model, adapter, want in (
+            ("adapter", models["adapter"], True, ref),
+            ("merged", models["merged"], False, ref),
+            ("base", models["adapter"], False, ref_base),
+        ):
+            diffs[name] = max(diffs[name], float(np.abs(first_logits(model, ids, adapter) - want).max()))
+    return diffs
+
+
+def tone_answers(ws: Path, precision: str) -> dict:
+    """Greedy answers on the training phrases, with and without the adapter."""
+    from tuner.data import load_rows, split_rows, to_messages
+    from tuner.onnx_engine import OnnxEngine
+
+    settings, root = in_workspace(ws)
+    train, _ = split_rows(load_rows(settings, root), 0.1, 42)
+    tones = {row["tone"] for row in train}
+    result: dict = {}
+    for name, baseonly in (("adapter", False), ("base", True)):
+        engine = OnnxEngine(settings, root, baseonly=baseonly, precision=precision)
+        right = tone = 0
+        stats: dict = {}
+        for row in train:
+            stats = {}
+            answer = "".join(engine.stream(to_messages(row, settings)[:-1], max_new_tokens=4, stats=stats)).strip()
+            right += answer == row["tone"]
+            tone += answer in tones
+            assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0
+        engine.close()
+        result[name] = right / len(train)
+        result[name + "_tone_word"] = tone / len(train)
+        result[name + "_finish"] = stats["finish_reason"]
+        result[name + "_model"] = engine.model_name
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +240,8 @@ def test_export_layout(exported: Path, precision: str) -> None:
 
 @pytest.mark.slow
 def test_fp32_first_token_logits_match_peft(exported: Path) -> None:
-    run = run_py(exported, "-c", LOGITS)
-    assert run.returncode == 0, run.stderr[-3000:]
-    diffs = json.loads(run.stdout.strip().splitlines()[-1])
+    with one_thread():
+        diffs = first_token_diffs(exported)
     print(f"max |logits(onnxruntime-genai) - logits(transformers)|: {diffs}")
     assert diffs["adapter"] < 1e-4  # og.Adapters + .onnx_adapter vs transformers + peft
     assert diffs["merged"] < 1e-4  # merge_and_unload, then built
@@ -238,9 +253,8 @@ def test_int4_adapter_answers_in_the_trained_form(exported: Path) -> None:
     """int4 + the adapter file answers with one of the six tone words, as fine-tuned; the base does
     not. (tiny-random only memorises, and how well is chaotic across machines: which tone is right
     is for the SmolLM2 tests, test_finetune.py, to measure.)"""
-    run = run_py(exported, "-c", TONES, "int4")
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    with one_thread():
+        result = tone_answers(exported, "int4")
     print(f"int4 greedy on training phrases: adapter {result['adapter']:.1%} right, base {result['base']:.1%}")
     assert result["adapter_tone_word"] >= 0.9, result
     assert result["base_tone_word"] <= 0.4, result
@@ -250,67 +264,61 @@ def test_int4_adapter_answers_in_the_trained_form(exported: Path) -> None:
 
 @pytest.mark.slow
 def test_precision_setting_picks_the_export(exported: Path, tmp_path: Path) -> None:
-    """[onnx] precision in settings.toml decides which export the ONNX backend loads."""
+    """[onnx] precision in settings.toml decides what export_onnx.py builds and which export the
+    ONNX backend loads: fp16 here, with only the int4 and fp32 exports beside it."""
     ws = tmp_path / "ws"
-    shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints", "int4"))
+    shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))
     settings = ws / "settings.toml"
-    settings.write_text(settings.read_text("utf-8").replace('precision = "int4"', 'precision = "fp32"'), "utf-8")
+    settings.write_text(settings.read_text("utf-8").replace('precision = "int4"', 'precision = "fp16"'), "utf-8")
+    export = run_py(ws, "inference/export_onnx.py", "--skip-merged")
+    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
+    assert "Exported to models/onnx/fp16" in export.stdout
+    assert json.loads((ws / "models" / "onnx" / "fp16" / "export.json").read_text())["precision"] == "fp16"
     run = run_py(ws, "inference/console_chat.py", "--backend", "onnx", "--prompt", "The puppy fell asleep on my lap.")
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert run.stdout.strip(), "no answer"
+    from tuner.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(*in_workspace(ws))
+    assert engine.model_name.endswith("-onnx-fp16")
+    engine.close()
 
 
 @pytest.mark.slow
 def test_stream_limits_and_stop_strings(exported: Path) -> None:
-    script = (
-        IN_WORKSPACE
-        + """
-import json
-from tuner.chat import conversation
-from tuner.onnx_engine import OnnxEngine
-engine = OnnxEngine(settings, root, baseonly=True, precision="fp32")
-messages = conversation([], "The puppy fell asleep on my lap again.", settings)
-stats, again = {}, {}
-text = "".join(engine.stream(messages, max_new_tokens=6, stats=stats))
-first = [stats["completion_tokens"], stats["finish_reason"]]
-stop = text[3:6]
-pieces = list(engine.stream(messages, max_new_tokens=6, stop=["never printed", stop], stats=again))
-print(json.dumps({"first": first, "text": text, "stop": stop, "pieces": pieces, "reason": again["finish_reason"]}))
-"""
-    )
-    run = run_py(exported, "-c", script)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["first"] == [6, "length"]  # the random base model does not end on its own this soon
-    assert len(out["stop"]) == 3, out
+    from tuner.chat import conversation
+    from tuner.onnx_engine import OnnxEngine
+
+    settings, root = in_workspace(exported)
+    engine = OnnxEngine(settings, root, baseonly=True, precision="fp32")
+    messages = conversation([], "The puppy fell asleep on my lap again.", settings)
+    stats: dict = {}
+    again: dict = {}
+    text = "".join(engine.stream(messages, max_new_tokens=6, stats=stats))
+    assert [stats["completion_tokens"], stats["finish_reason"]] == [6, "length"]  # random: no early end
+    stop = text[3:6]
+    assert len(stop) == 3, text
+    pieces = list(engine.stream(messages, max_new_tokens=6, stop=["never printed", stop], stats=again))
+    engine.close()
     # Nothing of the stop string is ever sent, even when it spans several tokens.
-    assert "".join(out["pieces"]) == out["text"][: out["text"].find(out["stop"])]
-    assert out["reason"] == "stop"
+    assert "".join(pieces) == text[: text.find(stop)]
+    assert again["finish_reason"] == "stop"
 
 
 @pytest.mark.slow
 def test_missing_pieces_name_the_command(exported: Path, tmp_path: Path) -> None:
+    from tuner.chat import EngineError
+    from tuner.onnx_engine import OnnxEngine
+
     ws = tmp_path / "ws"
     shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("onnx", "olive-cache", "checkpoints"))
-    script = (
-        IN_WORKSPACE
-        + """
-import sys
-from tuner.onnx_engine import EngineError, OnnxEngine
-try:
-    OnnxEngine(settings, root, precision=sys.argv[1])
-except EngineError as err:
-    print(err)
-"""
-    )
     for precision, command in (
         ("int4", "python inference/export_onnx.py"),
         ("fp16", "python inference/export_onnx.py --precision fp16"),
     ):
-        run = run_py(ws, "-c", script, precision)
-        assert (
-            run.stdout.strip() == f"ONNX model not found in {ws / 'models' / 'onnx' / precision}: run `{command}` first"
-        )
+        with pytest.raises(EngineError) as err:
+            OnnxEngine(*in_workspace(ws), precision=precision)
+        assert str(err.value) == f"ONNX model not found in {ws / 'models' / 'onnx' / precision}: run `{command}` first"
     shutil.rmtree(ws / "models" / "adapter")
     export = run_py(ws, "inference/export_onnx.py")
     assert export.returncode == 1
@@ -322,38 +330,26 @@ except EngineError as err:
 def test_baseonly_falls_back_to_the_downloaded_model(exported: Path, tmp_path: Path) -> None:
     """Without an export, --baseonly chats with the published build setup/download_onnx.py fetched
     (stood in for by the export, adapter file removed: tiny-random has no published build)."""
+    from tuner.chat import EngineError, conversation
+    from tuner.onnx_engine import OnnxEngine
+
     ws = tmp_path / "ws"
     shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))
     variant = ws / "model-cache" / "onnx" / "example" / "tiny-onnx" / "cpu" / "cpu-int4"
     shutil.move(ws / "models" / "onnx" / "int4", variant)
     shutil.rmtree(ws / "models" / "onnx")
     (variant / "adapter.onnx_adapter").unlink()
-    settings = ws / "settings.toml"
-    text = re.sub(r"(?m)^\[onnx\]\n(?:(?!\[).*\n?)*", "", settings.read_text("utf-8"))  # drop any [onnx] table
-    settings.write_text(text + '\n[onnx]\nrepo = "example/tiny-onnx"\nvariant = "cpu/cpu-int4"\n', "utf-8")
-    script = (
-        IN_WORKSPACE
-        + """
-import json
-from tuner.chat import conversation
-from tuner.onnx_engine import EngineError, OnnxEngine
-engine = OnnxEngine(settings, root, baseonly=True)
-stats = {}
-question = conversation([], "The puppy fell asleep on my lap again.", settings)
-answer = engine.reply(question, max_new_tokens=3, stats=stats)
-try:
-    OnnxEngine(settings, root)
-    error = ""
-except EngineError as err:
-    error = str(err)
-print(json.dumps({"path": str(engine.path), "tokens": stats["completion_tokens"], "error": error}))
-"""
-    )
-    run = run_py(ws, "-c", script)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["path"] == str(variant) and out["tokens"] == 3
-    assert out["error"].endswith("run `python inference/export_onnx.py` first")  # the adapter needs an export
+    settings_path = ws / "settings.toml"
+    text = re.sub(r"(?m)^\[onnx\]\n(?:(?!\[).*\n?)*", "", settings_path.read_text("utf-8"))  # drop [onnx]
+    settings_path.write_text(text + '\n[onnx]\nrepo = "example/tiny-onnx"\nvariant = "cpu/cpu-int4"\n', "utf-8")
+    settings, root = in_workspace(ws)
+    engine = OnnxEngine(settings, root, baseonly=True)
+    stats: dict = {}
+    engine.reply(conversation([], "The puppy fell asleep on my lap again.", settings), max_new_tokens=3, stats=stats)
+    engine.close()
+    assert engine.path == variant and stats["completion_tokens"] == 3
+    with pytest.raises(EngineError, match=r"run `python inference/export_onnx.py` first$"):
+        OnnxEngine(settings, root)  # the adapter needs an export
 
 
 @pytest.mark.slow

@@ -1,0 +1,197 @@
+"""The pinned version set (includes/versions.yml) and what every platform installs from it:
+requirement files (torch alone from the PyTorch index, the rest from the default index only),
+the conda file, and a real install of the CPU requirements into a fresh venv (slow)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jinja2
+import pytest
+import yaml
+from conftest import REPO
+from envkit import (
+    COMMON,
+    ORT_GENAI,
+    TORCH_SKIPPED,
+    VERSIONS,
+    expected_files,
+    pinned,
+    read_requirements,
+    run_setup,
+    settings_of,
+)
+from packaging.requirements import Requirement
+
+# ---------------------------------------------------------------- the pinned version set
+
+
+def test_versions_yml_is_quoted_and_complete() -> None:
+    def strings(node):
+        if isinstance(node, dict | list):
+            for value in node.values() if isinstance(node, dict) else node:
+                yield from strings(value)
+        else:
+            yield node
+
+    assert all(isinstance(v, str) for v in strings(VERSIONS)), "quote every version in includes/versions.yml"
+    assert VERSIONS["torch"] == "2.13.0"
+    assert {"olive-ai", "peft", "accelerate", "datasets", "requests", "transformers"} <= COMMON
+
+
+def test_test_environment_uses_the_same_pins() -> None:
+    """requirements-dev.txt installs what users install, so the tests exercise those versions."""
+    dev = {}
+    for line in (REPO / "requirements-dev.txt").read_text("utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            dev[req.name] = pinned(req)
+    pins = dict(VERSIONS["common"], **VERSIONS["onnxruntime_genai"]["cpu"])
+    for name, version in pins.items():
+        if name in dev:
+            assert dev[name] == version, f"requirements-dev.txt has {name}=={dev[name]}, versions.yml {version}"
+    assert "olive-ai" in dev and "transformers" in dev
+
+
+def test_copier_loads_versions_hidden(template_src: Path) -> None:
+    config = yaml.safe_load(
+        (template_src / "copier.yml").read_text("utf-8").replace("!include", "")  # tag only
+    )
+    question = config["versions"]
+    assert question["when"] is False and question["type"] == "yaml"
+    assert question["default"].strip() == "includes/versions.yml"
+
+
+# ---------------------------------------------------------------- requirements and conda
+
+
+def test_requirements_files(ws) -> None:
+    root, answers = ws
+    platform, mode = answers["platform"], answers["mode"]
+    setup = root / "setup"
+    present = {p.name for p in setup.glob("requirements*.txt")}
+    assert present == expected_files(platform, mode)
+
+    _, _, nested = read_requirements(setup / "requirements.txt")
+    assert nested == ["requirements-cpu.txt" if platform == "cpu" else "requirements-cuda.txt"]
+
+    for name in present - {"requirements.txt"}:
+        reqs, options, _ = read_requirements(setup / name)
+        for req in reqs.values():
+            assert req.marker is None and not req.extras, f"{name}: {req}"
+            version = pinned(req)
+            expected = VERSIONS["common"].get(req.name) or {
+                "torch": VERSIONS["torch"],
+                "bitsandbytes": VERSIONS["bitsandbytes"],
+                "jinja2": VERSIONS["jinja2"],
+            }.get(req.name)
+            for variants in VERSIONS["onnxruntime_genai"].values():
+                expected = expected or variants.get(req.name)
+            assert version == expected, f"{name}: {req} does not match includes/versions.yml"
+        names = set(reqs)
+        if name.startswith("requirements-torch-"):
+            # torch alone, from its index only: no other package ever waits on that index.
+            target = name.removeprefix("requirements-torch-").removesuffix(".txt")
+            assert options == [f"--index-url {VERSIONS['torch_index'][target]}"]
+            assert [str(r) for r in reqs.values()] == ["torch==2.13.0"]
+            continue
+        # Everything else names no index: it resolves from the default one (PyPI or a mirror).
+        assert options == [], f"{name}: {options}"
+        if name == "requirements-cuda.txt":
+            assert names == COMMON | {"torch", "bitsandbytes", "onnxruntime-genai-cuda"}
+        elif name == "requirements-cpu.txt":
+            assert str(reqs["torch"]) == "torch==2.13.0"  # exactly: the installed +cpu build satisfies it
+            method = settings_of(root)["train"]["method"]
+            assert ("bitsandbytes" in names) == (method == "qlora")
+            assert names - {"bitsandbytes"} == COMMON | {"torch", "onnxruntime-genai"}
+        else:  # requirements-directml.txt: Windows-native inference only
+            assert options == []
+            assert names == {"onnxruntime-genai-directml", "jinja2", *VERSIONS["directml_from_common"]}
+            assert "torch" not in names
+        assert len(names & ORT_GENAI) == 1, f"{name}: exactly one ONNX Runtime GenAI build"
+
+
+def test_cpu_qlora_would_get_bitsandbytes() -> None:
+    """copier refuses qlora on cpu, so the macro's branch is checked directly."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO)), undefined=jinja2.StrictUndefined)
+    macro = env.get_template("includes/requirements.jinja").module.pip_lines
+    assert "bitsandbytes==" in macro("cpu", [VERSIONS], "qlora")
+    assert "bitsandbytes==" not in macro("cpu", VERSIONS, "lora")
+    assert "bitsandbytes==" in macro("cuda", VERSIONS, "lora")
+    assert "torch==" not in macro("directml", VERSIONS, "qlora")
+    assert "index" not in macro("cpu", VERSIONS, "lora") + macro("cuda", VERSIONS, "lora")
+
+
+def test_conda_environment(ws) -> None:
+    root, answers = ws
+    env = yaml.safe_load((root / "setup" / "conda-environment.yml").read_text("utf-8"))
+    answers_file = yaml.safe_load((root / ".copier-answers.yml").read_text("utf-8"))
+    assert env["name"] == answers_file["env_name"]
+    # Python and pip only: a conda file cannot order pip steps (torch from its index first), so
+    # setup.sh --conda installs the same two requirements files into it as into a venv.
+    assert env["dependencies"] == [f"python={VERSIONS['python']}", "pip"]
+    target = "cpu" if answers["platform"] == "cpu" else "cuda"
+    text = (root / "setup" / "conda-environment.yml").read_text("utf-8")
+    for name in (f"requirements-torch-{target}.txt", f"requirements-{target}.txt"):
+        assert f"setup/{name}" in text and (root / "setup" / name).is_file()
+
+
+def test_conda_env_name_answer(render_factory) -> None:
+    root = render_factory(model="tiny-random", platform="cpu", env_name="ft_env.2")
+    env = yaml.safe_load((root / "setup" / "conda-environment.yml").read_text("utf-8"))
+    assert env["name"] == "ft_env.2"
+    assert 'ENV_NAME="ft_env.2"' in (root / "setup" / "setup.sh").read_text("utf-8")
+    assert "conda activate ft_env.2" in (root / "README.md").read_text("utf-8")
+
+
+# ---------------------------------------------------------------- a real install (slow)
+
+
+@pytest.mark.slow
+def test_cpu_requirements_install_fresh_venv(render_factory, tmp_path: Path) -> None:
+    """setup.sh into a fresh venv (torch first, exactly), twice, then the workspace's own tests."""
+    root = tmp_path / "ws"
+    shutil.copytree(render_factory(model="tiny-random", platform="cpu"), root)
+    venv_python = root / ".venv" / "bin" / "python"
+    # The PyTorch index is unreachable here: torch comes from the default index first, so that
+    # setup.sh skips the PyTorch index, and the rest never names it.
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "venv", ".venv"], cwd=root, check=True)
+    torch = subprocess.run(
+        [str(venv_python), "-m", "pip", "install", "-q", "torch==2.13.0"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert torch.returncode == 0, torch.stderr[-3000:]
+    first = run_setup(root, env=env)
+    installed = time.monotonic() - start
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert TORCH_SKIPPED in first.stdout.splitlines()
+    start = time.monotonic()
+    second = run_setup(root, env=env)
+    again = time.monotonic() - start
+    assert second.returncode == 0, second.stderr[-3000:]
+    print(f"\nfresh-venv CPU install: {installed:.0f} s; setup.sh again: {again:.0f} s")
+    freeze = subprocess.run(
+        [str(venv_python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "torch==2.13.0" in freeze and "olive-ai==0.13.0" in freeze
+    tests = subprocess.run(
+        [str(venv_python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    print(tests.stdout[-1500:])
+    assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
