@@ -12,23 +12,14 @@ import sys
 from pathlib import Path
 
 from tuner.backends import load_engine
-from tuner.chat import EngineError, conversation
+from tuner.chat import EngineError, conversation, is_text
 from tuner.settings import settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Python keeps input bytes undecodable in the terminal's encoding as lone surrogates (is_text).
 NOT_TEXT = "that input is not valid text in the terminal's encoding"
-
-
-def is_text(text: str) -> bool:
-    """False for undecodable input: Python keeps such bytes as lone surrogates, which the
-    tokenizer cannot take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from tuner.chat import DONE, ChatEngine, EngineError, Job, PromptTooLong, conversation, formatted
+from tuner.chat import DONE, ChatEngine, EngineError, Job, PromptTooLong, conversation, formatted, is_text
 
 ROLES = {"system", "user", "assistant"}
 
@@ -39,12 +39,9 @@ def _number(body: dict[str, Any], name: str, low: float, high: float, default: f
 
 
 def _text(value: str, param: str) -> str:
-    """JSON can spell lone surrogates ("\\udc80"): they parse, but they are not Unicode text, and
-    the tokenizer would fail on them."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)", param) from None
+    """`value`, or a 400 when JSON spelled a lone surrogate ("\\udc80") into it."""
+    if not is_text(value):
+        raise ApiError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)", param)
     return value
 
 

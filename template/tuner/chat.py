@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,6 +46,16 @@ def conversation(
     return formatted([*history, {"role": "user", "content": text}], settings, system)
 
 
+def is_text(text: str) -> bool:
+    """False for text holding lone surrogates: JSON can spell them ("\\udc80") and Python keeps
+    undecodable terminal bytes as them; they are not Unicode, and the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def shown_length(text: str, stop: list[str]) -> int:
     """How much of `text` can be shown yet: not half a multi-byte character, and not what may
     be the start of a stop string (the next token may complete it)."""
@@ -65,43 +76,132 @@ DONE = object()  # the end of a job's pieces
 
 
 class Job:
-    """One answer being generated: its pieces arrive in `out`; `cancel` stops it within a token."""
+    """One answer being generated: pieces, an error and finally DONE go through `deliver` (the
+    caller's callback, or the `out` queue that pieces() reads); `cancel` stops it within a token."""
 
     def __init__(
         self, messages: list[dict[str, str]], options: dict[str, Any], on_item: Callable[[Any], None] | None = None
     ) -> None:
-        self.messages, self.options, self.on_item = messages, options, on_item
+        self.messages, self.options = messages, options
         self.out: queue.Queue[Any] = queue.Queue()
+        self.deliver: Callable[[Any], None] = on_item or self.out.put
         self.cancel = threading.Event()
         self.stats: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
 
     def put(self, item: Any) -> None:
-        """Hand a piece, an error or DONE to the caller: through `on_item` when given (an event
-        loop's queue), else through `out`."""
-        if self.on_item is None:
-            self.out.put(item)
-            return
         try:
-            self.on_item(item)
+            self.deliver(item)
         except RuntimeError:  # the caller's event loop has closed: nobody is listening
             self.cancel.set()
 
     def pieces(self) -> Iterator[str]:
-        """The answer piece by piece (blocking); raises the engine's error, if any."""
+        """The answer piece by piece (blocking; only for a job without on_item); raises the
+        engine's error, if any."""
         while (item := self.out.get()) is not DONE:
             if isinstance(item, Exception):
                 raise item
             yield item
 
 
+def sampling(options: dict[str, Any]) -> tuple[float, float, int]:
+    """(temperature, top_p, top_k) of a job: jobs batch together only when these are equal, as
+    one generate call samples every row alike. Greedy ignores top_p and top_k."""
+    temperature = float(options.get("temperature", 0.0))
+    if temperature <= 0:
+        return (0.0, 1.0, 0)
+    return (temperature, float(options.get("top_p", 1.0)), int(options.get("top_k", 50)))
+
+
+class Row:
+    """One job's answer as its tokens arrive: incremental detokenisation (a few tokens decoded per
+    step, so the cost per token stays constant), end tokens, stop strings, the token limit, the
+    caller's cancel, and the pieces handed to the job."""
+
+    def __init__(self, engine: ChatEngine, job: Job) -> None:
+        options = job.options
+        self.job, self.tokenizer, self.end_ids = job, engine.tokenizer, engine.end_ids
+        self.stop: list[str] = options.get("stop") or []
+        self.prompt = engine.prompt_ids(job.messages)
+        if len(self.prompt) >= engine.context:
+            raise PromptTooLong(
+                f"the prompt is {len(self.prompt)} tokens, and the model's context is {engine.context} tokens: "
+                "shorten the conversation"
+            )
+        self.limit = min(int(options.get("max_new_tokens", 128)), engine.context - len(self.prompt))
+        self.sampling = sampling(options)
+        self.ids: list[int] = []
+        # Decoding window, as in vLLM: ids[prefix:read] decode to text already taken; decoding
+        # from `prefix` on keeps the spaces and merges that depend on the tokens before.
+        self.prefix = self.read = 0
+        self.text = ""  # decoded so far, without a trailing half character
+        self.sent = 0  # how much of text was handed out
+        self.done = False
+        job.stats.update(prompt_tokens=len(self.prompt), completion_tokens=0, finish_reason="length")
+
+    def add(self, token: int) -> bool:
+        """Take the next token; True once this row is finished."""
+        if self.done:
+            return True
+        stats = self.job.stats
+        if self.job.cancel.is_set():
+            stats["finish_reason"] = "cancelled"
+            return self._end(flush=False)
+        if token in self.end_ids:
+            stats["finish_reason"] = "stop"
+            return self._end()
+        self.ids.append(token)
+        stats["completion_tokens"] = len(self.ids)
+        before = len(self.text)
+        self.text += self._delta(final=False)
+        if self.stop and len(self.text) > before:
+            # A stop string can only end in the new text: search from where it could start.
+            start = max(0, before - max(map(len, self.stop)) + 1)
+            hit = min((i for s in self.stop if (i := self.text.find(s, start)) >= 0), default=-1)
+            if hit >= 0:
+                stats["finish_reason"] = "stop"
+                self.text = self.text[:hit]
+                return self._end(tail=False)
+        ready = shown_length(self.text, self.stop)
+        if ready > self.sent:
+            self.job.put(self.text[self.sent : ready])
+            self.sent = ready
+        if len(self.ids) >= self.limit:
+            return self._end()  # finish_reason stays "length"
+        return False
+
+    def finish(self) -> None:
+        """The backend ran out of tokens (its own limit): hand out what is left."""
+        if not self.done:
+            self._end()
+
+    def _delta(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        taken = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(text) <= len(taken) or (text.endswith("\ufffd") and not final):
+            return ""  # nothing new, or half a character: wait for the next token
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(taken) :]
+
+    def _end(self, flush: bool = True, tail: bool = True) -> bool:
+        self.done = True
+        if flush:
+            if tail:
+                self.text += self._delta(final=True)  # a held-back half character, shown as is
+            if len(self.text) > self.sent:
+                self.job.put(self.text[self.sent :])
+                self.sent = len(self.text)
+        return True
+
+
 class ChatEngine:
-    """What every backend shares: the chat template, one generation at a time in a worker thread,
-    and streaming text with end tokens, stop strings and token counts. A backend only supplies
-    `tokens()`.
+    """What every backend shares: the chat template, the worker thread that batches queued jobs,
+    and streaming text with end tokens, stop strings and token counts. A backend supplies
+    `generate()` (a batch of rows) or `tokens()` (one prompt; then max_batch stays 1).
 
     Callers never hold a lock while they consume an answer: they queue a Job and read its pieces.
-    A caller that goes away sets job.cancel (stream() does it when closed), and the worker moves
-    on to the next job after at most one more token.
+    A caller that goes away sets job.cancel (stream() does it when closed), and its row finishes
+    after at most one more token, without disturbing the other rows of its batch.
     """
 
     tokenizer: Any
@@ -109,12 +209,14 @@ class ChatEngine:
     context: int
     model_name: str
     settings: dict[str, Any]
+    max_batch = 1  # jobs generated together
+    gather_s = 0.01  # how long the worker waits for more jobs to join a batch it is starting
 
     def __init__(self) -> None:
-        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.waiting: list[Job] = []
         self.pending: set[Job] = set()  # queued or being generated
         self.worker: threading.Thread | None = None
-        self.start_lock = threading.Lock()
+        self.lock = threading.Condition()
         self.closing = False
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -127,20 +229,30 @@ class ChatEngine:
         """The next token ids after the prompt `ids`, one at a time."""
         raise NotImplementedError
 
+    def generate(self, rows: list[Row]) -> None:
+        """Feed each row its tokens (row.add) until every row is done. All rows sample alike.
+        This default runs them one after another through tokens()."""
+        for row in rows:
+            for token in self.tokens(row.prompt, row.limit, *row.sampling):
+                if row.add(token):
+                    break
+            row.finish()
+
     def submit(
         self, messages: list[dict[str, str]], on_item: Callable[[Any], None] | None = None, **options: Any
     ) -> Job:
         """Queue an answer; options are stream()'s. The worker (a daemon thread, so it never keeps
         the process alive) starts with the first job."""
         job = Job(messages, options, on_item)
-        with self.start_lock:
+        with self.lock:
             if self.closing:
                 raise EngineError("the server is shutting down")
             self.pending.add(job)
+            self.waiting.append(job)
+            self.lock.notify()
             if self.worker is None:
                 self.worker = threading.Thread(target=self._work, name="chat-engine", daemon=True)
                 self.worker.start()
-        self.jobs.put(job)
         return job
 
     def stream(
@@ -162,65 +274,49 @@ class ChatEngine:
 
     def close(self) -> None:
         """Refuse new jobs and cancel the pending ones (a server shutting down)."""
-        with self.start_lock:
+        with self.lock:
             self.closing = True
             for job in self.pending:
                 job.cancel.set()
 
+    def _take(self) -> list[Job]:
+        """The next batch: the oldest waiting job and those that sample like it, after a short
+        wait so that clients arriving together start together."""
+        with self.lock:
+            while not self.waiting:
+                self.lock.wait()
+            if self.max_batch > 1 and len(self.waiting) < self.max_batch:
+                deadline = time.monotonic() + self.gather_s
+                while len(self.waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    self.lock.wait(left)
+            key = sampling(self.waiting[0].options)
+            batch = [job for job in self.waiting if sampling(job.options) == key][: self.max_batch]
+            self.waiting = [job for job in self.waiting if job not in batch]
+            return batch
+
     def _work(self) -> None:
         while True:
-            job = self.jobs.get()
+            rows = []
+            jobs = self._take()
+            for job in jobs:
+                try:
+                    if job.cancel.is_set():
+                        job.stats["finish_reason"] = "cancelled"
+                    else:
+                        rows.append(Row(self, job))
+                except Exception as err:  # PromptTooLong: that job alone fails
+                    job.put(err)
             try:
-                if not job.cancel.is_set():
-                    for piece in self._generate(job, **job.options):
-                        job.put(piece)
-                        if job.cancel.is_set():
-                            break
-            except Exception as err:  # handed to the caller, who reports it; the worker goes on
-                job.put(err)
-            with self.start_lock:
-                self.pending.discard(job)
-            job.put(DONE)
-
-    def _generate(
-        self,
-        job: Job,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 50,
-        stop: list[str] | None = None,
-    ) -> Iterator[str]:
-        stop = stop or []
-        ids = self.prompt_ids(job.messages)
-        if len(ids) >= self.context:
-            raise PromptTooLong(
-                f"the prompt is {len(ids)} tokens, and the model's context is {self.context} tokens: "
-                "shorten the conversation"
-            )
-        stats = job.stats
-        stats.update(prompt_tokens=len(ids), completion_tokens=0, finish_reason="length")
-        max_new_tokens = min(max_new_tokens, self.context - len(ids))
-        generated: list[int] = []
-        sent = text = ""
-        for token in self.tokens(ids, max_new_tokens, temperature, top_p, top_k):
-            if job.cancel.is_set():
-                stats["finish_reason"] = "cancelled"
-                return
-            if token in self.end_ids:
-                stats["finish_reason"] = "stop"
-                break
-            generated.append(token)
-            stats["completion_tokens"] = len(generated)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            hit = min((text.find(s) for s in stop if s in text), default=-1)
-            if hit >= 0:
-                stats["finish_reason"] = "stop"
-                text = text[:hit]
-                break
-            ready = shown_length(text, stop)
-            if ready > len(sent):
-                yield text[len(sent) : ready]
-                sent = text[:ready]
-        if len(text) > len(sent):
-            yield text[len(sent) :]
+                if rows:
+                    self.generate(rows)
+            except Exception as err:  # handed to the callers, who report it; the worker goes on
+                for row in rows:
+                    if not row.done:
+                        row.done = True
+                        row.job.put(err)
+            for row in rows:
+                row.finish()
+            with self.lock:
+                self.pending.difference_update(jobs)
+            for job in jobs:
+                job.put(DONE)
