@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import workspace
+
 TOPICS = [
     "a lighthouse keeper who learns to bake bread",
     "a cat that runs a small bookshop",
@@ -56,18 +55,6 @@ def story(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Write a long story, at least 600 words, about {TOPICS[i % len(TOPICS)]}."}]
 
 
-def workspace(args: argparse.Namespace) -> Path:
-    ws = args.workspace or Path(tempfile.mkdtemp(prefix="decode-speed-")) / "ws"
-    if not (ws / "settings.toml").is_file():
-        from copier import run_copy
-
-        data = {"project_name": "bench", "model": args.model, "platform": "cpu"}
-        run_copy(str(REPO), str(ws), data=data, defaults=True, quiet=True, vcs_ref="HEAD")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ws)}
-    subprocess.run([sys.executable, "setup/download_model.py"], cwd=ws, env=env, check=True)
-    return ws
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -77,7 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ws = workspace(args).resolve()
+    ws = workspace(args.model, args.workspace, "decode-speed-").resolve()
     sys.path.insert(0, str(ws))  # the workspace's package, tuner/, which its setup would install
 
     import tomllib
