@@ -134,6 +134,14 @@ def main() -> None:
         print(warning, file=sys.stderr)
     if train["method"] == "qlora":
         preflight_qlora()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer; ignored before
+        if train["compute_dtype"] == "bfloat16" and not torch.cuda.is_bf16_supported():
+            # T4 and V100 (the small remote profile) have no bfloat16: train in float16 instead.
+            print("This GPU has no bfloat16: training in float16 ([train] compute_dtype)", file=sys.stderr)
+            train["compute_dtype"] = "float16"
     if train["report_to"] != "none" and importlib.util.find_spec(train["report_to"]) is None:
         fail(
             f"[train] report_to = {train['report_to']!r} needs the {train['report_to']} package: "
@@ -159,8 +167,6 @@ def main() -> None:
     os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(in_workspace(ROOT, RUNS) / fp))
     if settings["model"]["id"] == "tiny-random":
-        import torch
-
         torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
     last = last_complete_checkpoint(checkpoints, ROOT)
     if last:
@@ -170,7 +176,6 @@ def main() -> None:
         print(f"Fine-tuning {settings['model']['id']} on {len(rows)} rows (run {fp})", flush=True)
 
     # 3. Train. Olive prints progress and the loss as it goes.
-    import torch
     from olive.workflows import run as olive_run
 
     # Olive creates the LoRA weights before the Trainer seeds itself: seed first with the
