@@ -11,9 +11,11 @@ and the same examples in the same order, in the same optimizer loop as the Train
 configuration runs in a process of its own, so its peak memory is its own.
 
 Reported per configuration: trained tokens/s (real tokens, padding excluded, after one warm-up
-step), peak memory (RSS on CPU, allocated memory on CUDA), and MFU: model FLOPs (6 x parameters x
-tokens, the usual convention) over the peak of this device as measured here (a large matmul in
-the training dtype), then the ratios ours / anchor.
+step), peak memory (RSS on CPU, allocated memory on CUDA), and MFU: model FLOPs over the peak of
+this device as measured here (the best of a few large matmuls in the training dtype). Model FLOPs
+are 4 x parameters per token: the forward pass (2N) and the backward pass through the frozen
+weights (2N); LoRA computes no weight gradients for them, and recomputation by gradient
+checkpointing does not count. Then the ratios ours / anchor.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def matmul_peak(torch: Any, device: str, dtype: Any) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
-    for _ in range(3):
+    for _ in range(5):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -124,7 +126,7 @@ def worker(ws: Path, name: str, steps: int) -> dict[str, Any]:
         "examples_per_step": per_step,
         "tokens_per_s": rate,
         "peak_memory_mib": peak_memory,
-        "mfu": 6 * params * rate / matmul_peak(torch, device, dtype),
+        "mfu": 4 * params * rate / matmul_peak(torch, device, dtype),
         "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads",
     }
 
