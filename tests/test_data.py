@@ -1,4 +1,5 @@
-"""Issue 3: every dataset kind trains through the same chat-template pre-processing."""
+"""tuner/data.py: every dataset kind (CSV, JSON, JSONL, chat messages, a Hugging Face dataset)
+trains through the same chat-template pre-processing, and a bad one is refused in one line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import run_py, sample_rows
+from tuner.data import encode, load_rows, to_messages
+from tuner.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
@@ -73,20 +76,12 @@ def test_chat_messages(render_factory, tuned_workspace: Path, tmp_path: Path) ->
     write_jsonl(ws / "dataset" / "chat.jsonl", rows)
     short_run(ws, tuned_workspace)
     # Both assistant turns carry the loss; the user turns do not.
-    check = run_py(
-        ws,
-        "-c",
-        "from pathlib import Path\n"
-        "from tuner.data import load_rows, to_messages, encode\n"
-        "from tuner.settings import load_settings\n"
-        "from transformers import AutoTokenizer\n"
-        "s = load_settings(Path('settings.toml'))\n"
-        "tok = AutoTokenizer.from_pretrained('model-cache/tiny-random')\n"
-        "e = encode(tok, to_messages(load_rows(s, Path('.'))[0], s), 256)\n"
-        "print(repr(tok.decode([t for t in e['labels'] if t != -100])))",
-    )
-    assert check.returncode == 0, check.stderr[-2000:]
-    learned = check.stdout.strip().splitlines()[-1]
+    from transformers import AutoTokenizer
+
+    settings = load_settings(ws / "settings.toml")
+    tok = AutoTokenizer.from_pretrained(ws / "model-cache" / "tiny-random")
+    example = encode(tok, to_messages(load_rows(settings, ws)[0], settings), 256)
+    learned = tok.decode([t for t in example["labels"] if t != -100])
     assert "Say a phrase." in learned and rows[0]["messages"][3]["content"] in learned
     assert "Tone?" not in learned and rows[0]["messages"][2]["content"] not in learned
 
@@ -105,19 +100,8 @@ def test_hugging_face_dataset(render_factory, tuned_workspace: Path, tmp_path: P
     assert run.stderr.count("\n") == 1
 
 
-LOAD = """
-import json
-from pathlib import Path
-from tuner.data import load_rows
-from tuner.settings import load_settings
-print(json.dumps(load_rows(load_settings(Path("settings.toml")), Path("."))))
-"""
-
-
 def load_in(ws: Path) -> list[dict]:
-    run = run_py(ws, "-c", LOAD)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return load_rows(load_settings(ws / "settings.toml"), ws)
 
 
 def test_csv_quoted_fields_keep_their_line_breaks(render_factory, tmp_path: Path) -> None:
