@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import importlib.util
 import json
 import os
@@ -26,10 +25,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import tuner.data
+import tuner.olive
 from tuner.data import DatasetError, check_lengths, check_rows, load_rows, split_rows
 from tuner.evaluation import evaluate
 from tuner.olive import olive_config
-from tuner.runs import RunError, last_complete_checkpoint, publish, recover_adapter, take_lock
+from tuner.runs import (
+    RunError,
+    fingerprint,
+    last_complete_checkpoint,
+    plot_loss,
+    publish,
+    recover_adapter,
+    take_lock,
+)
 from tuner.settings import (
     MODELS,
     RUN_RECORD,
@@ -58,37 +67,6 @@ def preflight_qlora() -> None:
 
     if not torch.cuda.is_available():
         fail(f"QLoRA needs a CUDA GPU and torch sees none (torch {torch.__version__}), {fix}")
-
-
-def fingerprint(settings: dict[str, Any]) -> str:
-    """What decides the result: the settings, the dataset bytes, our code, the base model."""
-    import tuner.data
-    import tuner.olive
-
-    digest = hashlib.sha256(json.dumps([settings[k] for k in ("train", "dataset", "prompt")], sort_keys=True).encode())
-    if settings["dataset"]["source"] != "huggingface":
-        digest.update(in_workspace(ROOT, settings["dataset"]["path"]).read_bytes())
-    for code in (Path(tuner.data.__file__), Path(tuner.olive.__file__), ROOT / "finetuning" / "user_script.py"):
-        digest.update(code.read_bytes())
-    digest.update((in_workspace(ROOT, settings["model"]["path"]) / "config.json").read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def plot_loss(log_history: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("loss", "train"), ("eval_loss", "eval")):
-        points = [(h["step"], h[key]) for h in log_history if key in h]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker=".", label=label)
-    ax.set(xlabel="step", ylabel="loss", title="Fine-tuning loss")
-    ax.legend()
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main() -> None:
@@ -156,7 +134,8 @@ def main() -> None:
         fail(str(err))
     adapter = adapter_dir(ROOT)
     recover_adapter(adapter, ROOT)
-    fp = fingerprint(settings)
+    code = [Path(tuner.data.__file__), Path(tuner.olive.__file__), ROOT / "finetuning" / "user_script.py"]
+    fp = fingerprint(settings, ROOT, code)
     config = olive_config(settings, ROOT, fp)
     checkpoints = Path(config["passes"]["finetune"]["training_args"]["output_dir"])
     staging = Path(config["output_dir"])

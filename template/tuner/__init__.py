@@ -3,6 +3,7 @@
     settings       settings.toml -> a dict (one-line errors for broken or conflicted files)
     data           the dataset and the one prompt format: rows -> messages -> tokens and labels
     evaluation     held-out scores, base vs fine-tuned, written to eval.json beside the adapter
+    runs           a run's bookkeeping: the lock, its fingerprint, torn checkpoints, publishing the adapter
     hub            model downloads from the Hugging Face Hub, and the offline copy of SmolLM2
     chat           the chat engine base: a worker thread, jobs, streaming, stop strings
     torch_engine   the engine on transformers + peft

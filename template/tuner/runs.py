@@ -4,11 +4,15 @@ kill, and publishing the adapter so that a half-written one never looks finished
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
+
+from tuner.settings import in_workspace
 
 
 class RunError(Exception):
@@ -77,3 +81,33 @@ def recover_adapter(adapter: Path, root: Path) -> None:
     if previous.is_dir() and not adapter.exists():
         os.replace(previous, adapter)
         print(f"Restored the previous adapter in {adapter.relative_to(root)} (a run was stopped while publishing)")
+
+
+def fingerprint(settings: dict[str, Any], root: Path, code: list[Path]) -> str:
+    """What decides a run's result: the settings, the dataset bytes, the code that trains, the base
+    model. It names the run's checkpoint folder, so a changed run never resumes a stale one."""
+    digest = hashlib.sha256(json.dumps([settings[k] for k in ("train", "dataset", "prompt")], sort_keys=True).encode())
+    if settings["dataset"]["source"] != "huggingface":
+        digest.update(in_workspace(root, settings["dataset"]["path"]).read_bytes())
+    for path in code:
+        digest.update(path.read_bytes())
+    digest.update((in_workspace(root, settings["model"]["path"]) / "config.json").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def plot_loss(log_history: list[dict[str, Any]], out: Path) -> None:
+    """The train and eval loss of a Trainer's log history, as a PNG beside the adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".", label=label)
+    ax.set(xlabel="step", ylabel="loss", title="Fine-tuning loss")
+    ax.legend()
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
