@@ -37,9 +37,11 @@ class OpenAIEngine(ChatEngine):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # No pool limit: every waiting request is vLLM's to schedule. A read timeout only for a
         # server that stopped sending (vLLM streams every token; queued requests wait for a slot).
+        # trust_env=False: the server is local; no HTTP(S)_PROXY from the environment in between.
         self.client = httpx.Client(
             base_url=base_url,
             headers=headers,
+            trust_env=False,
             timeout=httpx.Timeout(10, read=read_timeout_s, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
         )

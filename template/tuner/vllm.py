@@ -145,7 +145,8 @@ def wait_ready(upstream: Upstream, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (code := upstream.process.poll()) is None:
         try:
-            if httpx.get(f"{upstream.url}/health", timeout=5).status_code == 200:
+            # trust_env=False: no HTTP(S)_PROXY from the environment between us and 127.0.0.1.
+            if httpx.get(f"{upstream.url}/health", timeout=5, trust_env=False).status_code == 200:
                 return
         except httpx.HTTPError:
             pass  # not listening yet
