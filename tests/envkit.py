@@ -67,7 +67,7 @@ def pinned(req: Requirement) -> str:
 def expected_files(platform: str, mode: str) -> set[str]:
     files = {"requirements.txt"}
     if platform != "cpu" or mode != "local":
-        files |= {"requirements-cuda.txt", "requirements-torch-cuda.txt"}
+        files |= {"requirements-cuda.txt", "requirements-torch-cuda.txt", "requirements-vllm.txt"}
     if platform == "cpu":
         files |= {"requirements-cpu.txt", "requirements-torch-cpu.txt"}
     if platform == "windows-gpu":

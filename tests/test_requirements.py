@@ -89,6 +89,7 @@ def test_requirements_files(ws) -> None:
                 "torch": VERSIONS["torch"],
                 "bitsandbytes": VERSIONS["bitsandbytes"],
                 "jinja2": VERSIONS["jinja2"],
+                "vllm": VERSIONS["vllm"],
             }.get(req.name)
             for variants in VERSIONS["onnxruntime_genai"].values():
                 expected = expected or variants.get(req.name)
@@ -102,6 +103,10 @@ def test_requirements_files(ws) -> None:
             continue
         # Everything else names no index: it resolves from the default one (PyPI or a mirror).
         assert options == [], f"{name}: {options}"
+        if name == "requirements-vllm.txt":
+            # vLLM's own environment: its wheel brings its own torch and transformers.
+            assert names == {"vllm", "bitsandbytes"}
+            continue
         if name == "requirements-cuda.txt":
             assert names == COMMON | {"torch", "bitsandbytes", "onnxruntime-genai-cuda"}
         elif name == "requirements-cpu.txt":

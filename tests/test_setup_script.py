@@ -172,3 +172,38 @@ def test_setup_fails_fast_when_the_torch_index_is_unreachable(setup_copy: Path) 
         "install torch==2.13.0 another way, then run this again: it skips this step"
     )
     assert "Installing the pinned requirements" not in result.stdout
+
+
+def test_setup_vllm_makes_its_own_environment(render_factory, tmp_path: Path) -> None:
+    """--vllm: .venv-vllm made once with the chosen Python, vLLM's file installed into it (each run),
+    and nothing else touched (no .venv). Stub pythons record what they are asked."""
+    ws = tmp_path / "ws"
+    shutil.copytree(render_factory(model="tiny-random", platform="cuda"), ws)
+    log = tmp_path / "calls.log"
+    venv_python = tmp_path / "venv-python"  # what `-m venv` puts in .venv-vllm/bin/python
+    stub(venv_python, f'echo "vllm-venv $*" >> {log}\n[ "$1 $2" = "-m pip" ] && exit 0\necho "vllm 0.33.0"\n')
+    maker = tmp_path / "bin" / "python3.11"
+    stub(
+        maker,
+        f'if [ "$1 $2" = "-m venv" ]; then echo "maker $*" >> {log}; mkdir -p "$3/bin"; '
+        f'cp {venv_python} "$3/bin/python"; exit 0; fi\nexec {PYTHON} "$@"\n',
+    )
+    for _ in range(2):
+        result = run_setup(ws, "--vllm", env={"PYTHON": str(maker)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "vllm 0.33.0" in result.stdout and 'backend = "vllm"' in result.stdout
+    assert log.read_text().splitlines() == [
+        "maker -m venv .venv-vllm",
+        f"vllm-venv {PIP} -r setup/requirements-vllm.txt",
+        'vllm-venv -c import vllm; print(f"vllm {vllm.__version__}")',
+        f"vllm-venv {PIP} -r setup/requirements-vllm.txt",
+        'vllm-venv -c import vllm; print(f"vllm {vllm.__version__}")',
+    ]
+    assert not (ws / ".venv").exists()
+
+
+def test_setup_vllm_on_cpu_is_one_line(setup_copy: Path) -> None:
+    result = run_setup(setup_copy, "--vllm")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: vLLM runs on NVIDIA GPUs (CUDA) only, and this workspace's platform is cpu"
+    assert not (setup_copy / ".venv-vllm").exists()

@@ -7,19 +7,24 @@ The page (Gradio ChatInterface, multi-turn, streaming) is at /, the API at
 POST /v1/chat/completions and GET /v1/models (tuner/api.py). When the environment variable named
 in settings.toml ([serve] api_key_env) is set, API calls need `Authorization: Bearer <key>`
 and the page asks for a login (any user name, the key as password).
+
+With [serve] backend = "vllm" (CUDA), this server first starts vLLM's from its own environment, on
+127.0.0.1 (tuner/vllm.py), and forwards every answer to it; it stops vLLM when it stops itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from tuner import vllm
 from tuner.api import create_app, evaluation_summary
 from tuner.backends import load_engine
-from tuner.chat import EngineError
+from tuner.chat import ChatEngine, EngineError
 from tuner.settings import adapter_dir, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,20 +37,46 @@ def main() -> None:
     parser.add_argument("--host", help="default: [serve] host; use 0.0.0.0 only inside a container")
     parser.add_argument("--port", type=int, help="default: [serve] port")
     parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change a setting for this run only, e.g. --set serve.backend=vllm (repeatable)",
+    )
     args = parser.parse_args()
-    settings = settings_for_script(args.settings)
+    settings = settings_for_script(args.settings, args.set)
     serve = settings["serve"]
     host, port = args.host or serve["host"], args.port or serve["port"]
+    backend = serve.get("backend", "engine")
+    if backend not in ("engine", "vllm"):
+        sys.exit(f'error: [serve] backend = "{backend}" is not one of "engine", "vllm"')
 
+    upstream = None
+    if backend == "vllm":
+        # SIGTERM (a container stopping) ends this process through `finally`, which stops vLLM.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        engine = load_engine(settings, ROOT, args.backend, args.baseonly)
+        engine: ChatEngine
+        if backend == "vllm":
+            upstream = vllm.start(settings, ROOT, args.baseonly)
+            engine = vllm.engine(settings, ROOT, upstream, args.baseonly)
+        else:
+            engine = load_engine(settings, ROOT, args.backend, args.baseonly)
+        serve_app(engine, settings, host, port, args.baseonly)
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if upstream is not None:
+            vllm.stop(upstream)
+
+
+def serve_app(engine: ChatEngine, settings: dict[str, Any], host: str, port: int, baseonly: bool) -> None:
     import uvicorn
 
-    api_key = os.environ.get(serve["api_key_env"]) or None
-    app = create_app(engine, api_key, None if args.baseonly else evaluation_summary(adapter_dir(ROOT)))
+    api_key = os.environ.get(settings["serve"]["api_key_env"]) or None
+    app = create_app(engine, api_key, None if baseonly else evaluation_summary(adapter_dir(ROOT)))
     print(f"Serving {engine.model_name} on http://{host}:{port} (API at /v1)", flush=True)
 
     class Server(uvicorn.Server):

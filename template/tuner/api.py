@@ -3,8 +3,9 @@ page, on one FastAPI app around a chat engine. inference/gradio_chat.py serves i
 
 Every request is checked before it reaches the model: a body over [serve] max_request_bytes
 is a 413 before it is read; bad JSON, fields, non-Unicode text, or a prompt longer than the
-context are 400s naming the field, with an OpenAI-style error object. An answer is cancelled
-when its client goes away, so an abandoned request never holds up the next one.
+context are 400s naming the field, with an OpenAI-style error object; a failing model server
+behind this one (vLLM) is a 502. An answer is cancelled when its client goes away, so an
+abandoned request never holds up the next one.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request)
@@ -126,7 +127,8 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        kind = {401: "authentication_error", 503: "server_error"}.get(err.status, "invalid_request_error")
+        kind = "server_error" if err.status >= 500 else "invalid_request_error"
+        kind = "authentication_error" if err.status == 401 else kind
         body = {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
         return JSONResponse(body, status_code=err.status)
 
@@ -171,6 +173,8 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
             while (item := await items.get()) is not DONE:
                 if isinstance(item, PromptTooLong):
                     raise ApiError(400, str(item), "messages", "context_length_exceeded")
+                if isinstance(item, EngineError):  # the model server behind us (vLLM) failed
+                    raise ApiError(502, str(item), code="upstream_error")
                 if isinstance(item, Exception):
                     raise item
                 yield item
