@@ -53,7 +53,13 @@ def olive_problems(ws: Path, config: dict[str, Any]) -> list[str]:
             return problems
         register_components(ws)
         run_config = RunConfig.model_validate(copy.deepcopy(config))  # Olive rewrites what it is given
-        for data_config in run_config.data_configs:
+        for data_config, given in zip(run_config.data_configs, config["data_configs"], strict=True):
+            for key in ("load_dataset_config", "pre_process_data_config"):
+                # Olive rewrites string parameters it takes for paths ("" became the working
+                # directory): what we pass must reach the user script as it is.
+                got = {name: getattr(data_config, key).params.get(name) for name in given[key]["params"]}
+                if got != given[key]["params"]:
+                    problems.append(f"{data_config.name}.{key}: Olive changed the params to {got}")
             for kind, component in data_config.components.items():
                 params = inspect.signature(Registry.get_component(kind, component.type)).parameters
                 if any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -29,7 +29,7 @@ import tuner.data
 import tuner.olive
 from tuner.data import DatasetError, check_lengths, check_rows, load_rows, split_rows
 from tuner.evaluation import evaluate
-from tuner.olive import olive_config
+from tuner.olive import olive_config, write_run_settings
 from tuner.runs import (
     RunError,
     fingerprint,
@@ -142,6 +142,7 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(checkpoints, ignore_errors=True)
         shutil.rmtree(config["cache_dir"], ignore_errors=True)
+    write_run_settings(settings, ROOT, fp)
 
     os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(in_workspace(ROOT, RUNS) / fp))

@@ -3,11 +3,12 @@
 Olive's built-in text pre-processing joins text columns without a chat template and puts the
 loss on every token. These two components keep Olive in charge of training while the data goes
 through the model's own chat template with the loss on the assistant turns only (tuner.data).
-tuner.olive puts the run's settings into the Olive config it builds.
+invoke_olive.py writes the run's settings to a file (tuner.olive) for them to read.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @Registry.register_dataset()
-def workspace_dataset(
-    split: str, settings: dict[str, Any], trust_remote_code: bool | None = None
-) -> list[dict[str, Any]]:
+def workspace_dataset(split: str, settings_file: str, trust_remote_code: bool | None = None) -> list[dict[str, Any]]:
     """The rows of one split ("train" or "eval") of the dataset named in the settings."""
+    settings = json.loads(Path(settings_file).read_text("utf-8"))
     rows = load_rows(settings, ROOT)
     check_rows(rows, settings)
     train, evaluation = split_rows(rows, settings["train"]["eval_split"], settings["train"]["data_seed"])
@@ -33,7 +33,7 @@ def workspace_dataset(
 def workspace_chat_pre_process(
     dataset: list[dict[str, Any]],
     model_name: str,
-    settings: dict[str, Any],
+    settings_file: str,
     task: str | None = None,
     trust_remote_code: bool | None = None,
 ) -> Any:
@@ -42,4 +42,5 @@ def workspace_chat_pre_process(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=bool(trust_remote_code))
+    settings = json.loads(Path(settings_file).read_text("utf-8"))
     return Dataset.from_list(tokenize(tokenizer, dataset, settings))

@@ -6,6 +6,7 @@ one that ran beside the adapter (olive-config.json), as the record of what was t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ def device(settings: dict[str, Any]) -> str:
     """Olive's accelerator: plain LoRA on a CPU-only workspace trains on the CPU."""
     train = settings["train"]
     return "cpu" if train["method"] == "lora" and settings["model"]["platform"] == "cpu" else "gpu"
+
+
+def run_settings_file(root: Path, run: str) -> Path:
+    """Where a run's settings (with its --set overrides) are written for the Olive user script.
+    A file, not the settings themselves in the config: Olive rewrites string parameters it takes
+    for paths (an empty system prompt would become the working directory)."""
+    return in_workspace(root, CHECKPOINTS) / run / "settings.json"
+
+
+def write_run_settings(settings: dict[str, Any], root: Path, run: str) -> None:
+    path = run_settings_file(root, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, ensure_ascii=False), "utf-8")
 
 
 def olive_config(settings: dict[str, Any], root: Path, run: str) -> dict[str, Any]:
@@ -67,8 +81,8 @@ def olive_config(settings: dict[str, Any], root: Path, run: str) -> dict[str, An
     }
 
     def data_config(split: str) -> dict[str, Any]:
-        # The components are registered by finetuning/user_script.py. They get the settings of
-        # this run (with its --set overrides) in the config rather than re-reading the file.
+        # The components are registered by finetuning/user_script.py. They read the settings of
+        # this run (with its --set overrides), written by write_run_settings().
         return {
             "name": split,
             "type": "HuggingfaceContainer",
@@ -76,11 +90,11 @@ def olive_config(settings: dict[str, Any], root: Path, run: str) -> dict[str, An
             "script_dir": str(root / "finetuning"),
             "load_dataset_config": {
                 "type": "workspace_dataset",
-                "params": {"split": split, "settings": settings},
+                "params": {"split": split, "settings_file": str(run_settings_file(root, run))},
             },
             "pre_process_data_config": {
                 "type": "workspace_chat_pre_process",
-                "params": {"settings": settings},
+                "params": {"settings_file": str(run_settings_file(root, run))},
             },
         }
 
