@@ -40,7 +40,8 @@ def run_settings_file(root: Path, run: str) -> Path:
     """Where a run's settings (with its --set overrides) are written for the Olive user script.
     A file, not the settings themselves in the config: Olive rewrites string parameters it takes
     for paths (an empty system prompt would become the working directory)."""
-    return in_workspace(root, CHECKPOINTS) / run / "settings.json"
+    # Beside Olive's cache of the run: the Trainer refuses a checkpoint folder it did not fill.
+    return in_workspace(root, OLIVE_CACHE) / run / "run-settings.json"
 
 
 def write_run_settings(settings: dict[str, Any], root: Path, run: str) -> None:
