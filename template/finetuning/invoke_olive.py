@@ -27,11 +27,12 @@ from typing import Any
 
 import tuner.data
 import tuner.olive
-from tuner.data import DatasetError, check_lengths, check_rows, load_rows, split_rows
+from tuner.data import DatasetError
 from tuner.evaluation import evaluate
 from tuner.olive import olive_config, write_run_settings
 from tuner.runs import (
     RunError,
+    check_run,
     fingerprint,
     last_complete_checkpoint,
     plot_loss,
@@ -45,7 +46,6 @@ from tuner.settings import (
     RUNS,
     SettingsError,
     adapter_dir,
-    check_train,
     in_workspace,
     settings_for_script,
 )
@@ -91,21 +91,9 @@ def main() -> None:
 
     # 1. Check everything cheap before loading anything heavy or writing anything.
     try:
-        check_train(settings)
-        rows = load_rows(settings, ROOT)
-        check_rows(rows, settings)
-        split_rows(rows, train["eval_split"], train["data_seed"])
-    except SettingsError as err:
+        rows, warning = check_run(settings, ROOT)
+    except (SettingsError, RunError) as err:
         fail(str(err))
-    except DatasetError as err:
-        fail(str(err), code=2)
-    model_path = in_workspace(ROOT, settings["model"]["path"])
-    if not (model_path / "config.json").is_file():
-        fail(f"base model not found in {model_path}: run `python setup/download_model.py` first")
-    from transformers import AutoTokenizer
-
-    try:  # an answer cut off by max_seq_len teaches nothing: find out now, not inside Olive
-        warning = check_lengths(AutoTokenizer.from_pretrained(model_path), rows, train["max_seq_len"], settings)
     except DatasetError as err:
         fail(str(err), code=2)
     if warning:
@@ -120,11 +108,6 @@ def main() -> None:
             # T4 and V100 (the small remote profile) have no bfloat16: train in float16 instead.
             print("This GPU has no bfloat16: training in float16 ([train] compute_dtype)", file=sys.stderr)
             train["compute_dtype"] = "float16"
-    if train["report_to"] != "none" and importlib.util.find_spec(train["report_to"]) is None:
-        fail(
-            f"[train] report_to = {train['report_to']!r} needs the {train['report_to']} package: "
-            f"pip install {train['report_to']}, or run with --set train.report_to=none"
-        )
 
     # 2. One run at a time per workspace. The run's checkpoints, cache and logs are keyed by
     # its fingerprint.

@@ -28,9 +28,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import tuner.data
-from tuner.data import DatasetError, check_lengths, check_rows, load_rows, split_rows, tokenize
+from tuner.data import DatasetError, split_rows, tokenize
 from tuner.evaluation import evaluate
-from tuner.runs import RunError, fingerprint, last_complete_checkpoint, plot_loss, publish, recover_adapter, take_lock
+from tuner.runs import (
+    RunError,
+    check_run,
+    fingerprint,
+    last_complete_checkpoint,
+    plot_loss,
+    publish,
+    recover_adapter,
+    take_lock,
+)
 from tuner.settings import (
     CHECKPOINTS,
     MODELS,
@@ -38,7 +47,6 @@ from tuner.settings import (
     RUNS,
     SettingsError,
     adapter_dir,
-    check_train,
     in_workspace,
     settings_for_script,
 )
@@ -74,26 +82,18 @@ def main() -> None:
 
     # 1. Check everything cheap, in every process, before loading anything heavy or writing anything.
     try:
-        check_train(settings)
-        rows = load_rows(settings, ROOT)
-        check_rows(rows, settings)
-        train_rows, eval_rows = split_rows(rows, train["eval_split"], train["data_seed"])
-    except SettingsError as err:
+        rows, warning = check_run(settings, ROOT)
+    except (SettingsError, RunError) as err:
         fail(str(err))
-    except DatasetError as err:
-        fail(str(err), code=2)
-    model_path = in_workspace(ROOT, settings["model"]["path"])
-    if not (model_path / "config.json").is_file():
-        fail(f"base model not found in {model_path}: run `python setup/download_model.py` first")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    try:  # an answer cut off by max_seq_len teaches nothing: find out now, not after loading the model
-        warning = check_lengths(tokenizer, rows, train["max_seq_len"], settings)
     except DatasetError as err:
         fail(str(err), code=2)
     if warning and rank == 0:
         print(warning, file=sys.stderr)
+    train_rows, eval_rows = split_rows(rows, train["eval_split"], train["data_seed"])
+    model_path = in_workspace(ROOT, settings["model"]["path"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     import torch
 
     has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
@@ -102,11 +102,6 @@ def main() -> None:
             f"QLoRA needs bitsandbytes and a CUDA GPU (bitsandbytes installed: {has_bitsandbytes}, GPUs torch "
             f"sees: {torch.cuda.device_count()}): train plain LoRA with --set train.method=lora "
             "--set train.compute_dtype=float32"
-        )
-    if train["report_to"] != "none" and importlib.util.find_spec(train["report_to"]) is None:
-        fail(
-            f"[train] report_to = {train['report_to']!r} needs the {train['report_to']} package: "
-            f"pip install {train['report_to']}, or run with --set train.report_to=none"
         )
 
     # 2. One run at a time per workspace. Only the first process takes the lock and publishes: on a

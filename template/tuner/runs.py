@@ -1,10 +1,12 @@
-"""The bookkeeping of a fine-tuning run: one run per workspace, checkpoints that may be torn by a
-kill, and publishing the adapter so that a half-written one never looks finished."""
+"""The bookkeeping of a fine-tuning run, shared by invoke_olive.py and train_sft.py: the checks
+made before anything heavy, one run per workspace, checkpoints that may be torn by a kill, and
+publishing the adapter so that a half-written one never looks finished."""
 
 from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -12,11 +14,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuner.settings import in_workspace
+from tuner.data import check_lengths, check_rows, load_rows, split_rows
+from tuner.settings import check_train, in_workspace
 
 
 class RunError(Exception):
     """A run that cannot start, said in one line."""
+
+
+def check_run(settings: dict[str, Any], root: Path) -> tuple[list[dict[str, Any]], str]:
+    """Everything cheap a run checks before loading the model: the [train] values, the dataset
+    and its split, the base model, the logger, and answers within max_seq_len (an answer cut off
+    teaches nothing). Returns the rows and a warning ("" if none); raises SettingsError, RunError,
+    or DatasetError (a bad dataset)."""
+    check_train(settings)
+    train = settings["train"]
+    rows = load_rows(settings, root)
+    check_rows(rows, settings)
+    split_rows(rows, train["eval_split"], train["data_seed"])
+    model_path = in_workspace(root, settings["model"]["path"])
+    if not (model_path / "config.json").is_file():
+        raise RunError(f"base model not found in {model_path}: run `python setup/download_model.py` first")
+    if train["report_to"] != "none" and importlib.util.find_spec(train["report_to"]) is None:
+        raise RunError(
+            f"[train] report_to = {train['report_to']!r} needs the {train['report_to']} package: "
+            f"pip install {train['report_to']}, or run with --set train.report_to=none"
+        )
+    from transformers import AutoTokenizer
+
+    return rows, check_lengths(AutoTokenizer.from_pretrained(model_path), rows, train["max_seq_len"], settings)
 
 
 def take_lock(path: Path) -> None:
