@@ -46,6 +46,7 @@ from tuner.settings import (
     RUNS,
     SettingsError,
     adapter_dir,
+    add_settings_arguments,
     in_workspace,
     settings_for_script,
 )
@@ -71,15 +72,7 @@ def preflight_qlora() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="change a setting for this run only, e.g. --set train.num_train_epochs=2 (repeatable)",
-    )
+    add_settings_arguments(parser, ROOT, "train.num_train_epochs=2")
     parser.add_argument("--cpu-lora", action="store_true", help="a QLoRA workspace trains as LoRA in float32")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints and start over")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation, base vs fine-tuned")

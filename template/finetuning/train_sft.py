@@ -47,6 +47,7 @@ from tuner.settings import (
     RUNS,
     SettingsError,
     adapter_dir,
+    add_settings_arguments,
     in_workspace,
     settings_for_script,
 )
@@ -62,15 +63,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="change a setting for this run only, e.g. --set train.num_train_epochs=2 (repeatable)",
-    )
+    add_settings_arguments(parser, ROOT, "train.num_train_epochs=2")
     parser.add_argument("--fsdp", action="store_true", help="shard the model over the GPUs (FSDP) instead of DDP")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints and start over")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation, base vs fine-tuned")

@@ -25,27 +25,20 @@ from tuner import vllm
 from tuner.api import create_app, evaluation_summary
 from tuner.backends import load_engine
 from tuner.chat import ChatEngine, EngineError
-from tuner.settings import adapter_dir, settings_for_script
+from tuner.settings import adapter_dir, add_settings_arguments, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+    add_settings_arguments(parser, ROOT, "serve.backend=vllm")
     parser.add_argument("--baseonly", action="store_true", help="serve the base model, no adapter")
     parser.add_argument("--host", help="default: [serve] host; use 0.0.0.0 only inside a container")
     parser.add_argument("--port", type=int, help="default: [serve] port")
     parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="change a setting for this run only, e.g. --set serve.backend=vllm (repeatable)",
-    )
     args = parser.parse_args()
-    settings = settings_for_script(args.settings, args.set)
+    settings = settings_for_script(args.settings, args.overrides)
     serve = settings["serve"]
     host, port = args.host or serve["host"], args.port or serve["port"]
     backend = serve.get("backend", "engine")

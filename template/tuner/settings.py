@@ -8,6 +8,7 @@ change any setting with `--set section.key=value` (with_overrides()).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import tomllib
@@ -55,6 +56,19 @@ def in_workspace(root: Path, value: str) -> Path:
     """A path from the settings: relative ones are relative to the workspace root."""
     path = Path(value)
     return path if path.is_absolute() else root / path
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, root: Path, example: str) -> None:
+    """--settings PATH and --set SECTION.KEY=VALUE (repeatable), for the scripts."""
+    parser.add_argument("--settings", type=Path, default=root / "settings.toml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"change a setting for this run only, e.g. --set {example} (repeatable)",
+    )
 
 
 def settings_for_script(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
