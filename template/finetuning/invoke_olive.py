@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import tuner.data
 import tuner.olive
@@ -35,14 +34,12 @@ from tuner.runs import (
     check_run,
     fingerprint,
     last_complete_checkpoint,
-    plot_loss,
-    publish,
+    publish_run,
     recover_adapter,
     take_lock,
 )
 from tuner.settings import (
     MODELS,
-    RUN_RECORD,
     RUNS,
     SettingsError,
     adapter_dir,
@@ -151,17 +148,10 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(found[-1].parent, tmp)
     (tmp / "olive-config.json").write_text(json.dumps(config, indent=1), "utf-8")
-    (tmp / RUN_RECORD).write_text(json.dumps({"run": fp, "settings": settings}, indent=1), "utf-8")
     last = last_complete_checkpoint(checkpoints, ROOT)
-    log_history: list[dict[str, Any]] = []
-    if last:
-        log_history = json.loads((last / "trainer_state.json").read_text("utf-8"))["log_history"]
-        (tmp / "log_history.json").write_text(json.dumps(log_history, indent=1), "utf-8")
-        plot_loss(log_history, tmp / "loss.png")
-    publish(tmp, adapter)
+    log_history = json.loads((last / "trainer_state.json").read_text("utf-8"))["log_history"] if last else []
+    summary = publish_run(tmp, adapter, {"run": fp, "settings": settings}, log_history)
     shutil.rmtree(staging, ignore_errors=True)
-    losses = [h["loss"] for h in log_history if "loss" in h]
-    summary = f"; train loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
     print(f"Adapter written to {adapter.relative_to(ROOT)}{summary}", flush=True)
 
     # 5. Score base vs fine-tuned on the rows held out of training (writes adapter/eval.json).

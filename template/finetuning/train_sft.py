@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -35,15 +34,13 @@ from tuner.runs import (
     check_run,
     fingerprint,
     last_complete_checkpoint,
-    plot_loss,
-    publish,
+    publish_run,
     recover_adapter,
     take_lock,
 )
 from tuner.settings import (
     CHECKPOINTS,
     MODELS,
-    RUN_RECORD,
     RUNS,
     SettingsError,
     adapter_dir,
@@ -243,13 +240,7 @@ def main() -> None:
 
     # 5. Publish the adapter, with the record of what ran: a half-written adapter never looks finished.
     record = {"run": fp, "script": "train_sft.py", "processes": world_size, "fsdp": fsdp, "settings": settings}
-    (staging / RUN_RECORD).write_text(json.dumps(record, indent=1), "utf-8")
-    log_history = trainer.state.log_history
-    (staging / "log_history.json").write_text(json.dumps(log_history, indent=1), "utf-8")
-    plot_loss(log_history, staging / "loss.png")
-    publish(staging, adapter)
-    losses = [h["loss"] for h in log_history if "loss" in h]
-    summary = f"; train loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
+    summary = publish_run(staging, adapter, record, trainer.state.log_history)
     print(f"Adapter written to {adapter.relative_to(ROOT)}{summary}", flush=True)
 
     # 6. Score base vs fine-tuned on the rows held out of training (writes adapter/eval.json).

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.data import check_lengths, check_rows, load_rows, split_rows
-from tuner.settings import check_train, in_workspace
+from tuner.settings import RUN_RECORD, check_train, in_workspace
 
 
 class RunError(Exception):
@@ -100,6 +100,18 @@ def publish(new: Path, adapter: Path) -> None:
         os.replace(adapter, previous)
     os.replace(new, adapter)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def publish_run(staging: Path, adapter: Path, record: dict[str, Any], log_history: list[dict[str, Any]]) -> str:
+    """Add the record of what ran (run.json), the loss history and its plot to the adapter in
+    `staging`, then publish it. Returns the loss summary to print ("" without a history)."""
+    (staging / RUN_RECORD).write_text(json.dumps(record, indent=1), "utf-8")
+    if log_history:
+        (staging / "log_history.json").write_text(json.dumps(log_history, indent=1), "utf-8")
+        plot_loss(log_history, staging / "loss.png")
+    publish(staging, adapter)
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    return f"; train loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
 
 
 def recover_adapter(adapter: Path, root: Path) -> None:
