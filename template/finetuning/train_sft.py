@@ -233,6 +233,11 @@ def main() -> None:
         fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
     # Every process takes part in gathering the weights (FSDP holds a shard of them in each).
     weights = trainer.accelerator.get_state_dict(trainer.model)
+    # Then every process leaves the process group together, and only the first goes on. A process
+    # that exits while the group is still open can abort in the backend's threads at exit
+    # ("terminate called without an active exception"), failing the run after it has finished.
+    state.wait_for_everyone()
+    state.destroy_process_group()
     if rank != 0:
         return
     # Only the adapter, as Olive writes it (the Trainer's own save adds the tokenizer and its arguments).
