@@ -9,6 +9,7 @@ data-component parameter the registered function does not take.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import inspect
 import logging
@@ -16,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers
 from tuner.olive import olive_config
+from tuner.precision import Device, decide
 from tuner.settings import load_settings, with_overrides
+
+TRAINING_ARGS = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
 
 
 def register_components(ws: Path) -> None:
@@ -28,7 +33,7 @@ def register_components(ws: Path) -> None:
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
-def olive_problems(ws: Path, config: dict[str, Any]) -> list[str]:
+def olive_problems(ws: Path, config: dict[str, Any], simulated_gpu: bool = False) -> list[str]:
     from olive.data.registry import Registry
     from olive.hardware.accelerator import AcceleratorSpec
     from olive.package_config import OlivePackageConfig
@@ -73,7 +78,11 @@ def olive_problems(ws: Path, config: dict[str, Any]) -> list[str]:
                 problems += [f"pass {name}: unknown key {k!r}" for k in pass_config.config if k not in known]
                 pass_cls.generate_config(AcceleratorSpec("cpu"), dict(pass_config.config), disable_search=True)
                 args_cls = QLoRATrainingArguments if pass_config.type == "QLoRA" else HFTrainingArguments
-                args_cls(**pass_config.config["training_args"]).create_training_args()  # what the Trainer gets
+                training_args = dict(config["passes"][name]["training_args"])
+                if simulated_gpu:  # TrainingArguments refuses bf16 on a machine without the GPU
+                    assert set(training_args) <= set(args_cls.model_fields) | TRAINING_ARGS
+                    training_args.pop("bf16")
+                args_cls(**training_args).create_training_args()  # what the Trainer gets
     finally:
         logging.getLogger("olive").removeHandler(catch)
     return problems
@@ -88,14 +97,31 @@ CASES = [
 ]
 
 
+# The machines the precision policy tells apart, simulated: no GPU, a T4 (no native bfloat16), an H100.
+DEVICES = {"cpu": Device(cuda=False), "sm75": Device(cuda=True, capability=(7, 5)), "sm90": Device(True, (9, 0))}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize(("model", "platform"), CASES)
-def test_built_config_has_no_ignored_key(render_factory, model: str, platform: str) -> None:
+def test_built_config_has_no_ignored_key(render_factory, model: str, platform: str, method: str, device: str) -> None:
+    """LoRA and QLoRA, on each kind of machine: Olive's own config model takes the config whole."""
     ws = render_factory(model=model, platform=platform, mode="local")
-    settings = load_settings(ws / "settings.toml")
-    config = olive_config(settings, ws, "check")
-    assert olive_problems(ws, config) == []
+    settings = with_overrides(load_settings(ws / "settings.toml"), [f"train.method={method}"])
+    precision = decide(settings["train"], DEVICES[device])
+    config = olive_config(settings, ws, "check", precision)
+    assert olive_problems(ws, config, simulated_gpu=DEVICES[device].cuda) == []
     finetune = config["passes"]["finetune"]
-    assert finetune["type"] == ("QLoRA" if settings["train"]["method"] == "qlora" else "LoRA")
+    assert finetune["type"] == ("QLoRA" if method == "qlora" else "LoRA")
+    assert finetune["torch_dtype"] == precision.compute_dtype
+    assert finetune["training_args"]["bf16"] == (precision.compute_dtype == "bfloat16")
+    assert "fp16" not in finetune["training_args"]  # Olive sets it from torch_dtype (and refuses it)
+    if method == "qlora":
+        assert (finetune["quant_type"], finetune["double_quant"]) == (
+            settings["train"]["quant_type"],
+            settings["train"]["double_quant"],
+        )
+        assert finetune["compute_dtype"] == precision.compute_dtype
     assert config["input_model"]["load_kwargs"] == {"attn_implementation": "sdpa"}
     assert finetune["training_args"]["report_to"] == "tensorboard"
 

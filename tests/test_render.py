@@ -111,7 +111,6 @@ def test_validators_refuse_invalid_combinations(template_src: Path, tmp_path: Pa
         ({"project_name": "$(rm -rf ~)"}, "may only contain"),
         ({"project_name": "{{ 7*7 }}"}, "may only contain"),
         ({"project_name": "two\nlines"}, "may only contain"),
-        ({"platform": "cpu", "method": "qlora"}, "qlora needs a CUDA GPU"),
         ({"customize_training": True, "lora_r": 0}, "lora_r must be between"),
         ({"customize_training": True, "learning_rate": -1.0}, "learning_rate must be above 0"),
         ({"customize_training": True, "eval_split": 0.9}, "eval_split must be between"),
@@ -128,6 +127,13 @@ def test_validators_refuse_invalid_combinations(template_src: Path, tmp_path: Pa
 def test_bad_answers_are_refused_with_a_message(template_src: Path, tmp_path: Path, answers, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         render(template_src, tmp_path / "ws", **answers)
+
+
+def test_qlora_on_cpu_is_an_answer_like_any_other(template_src: Path, tmp_path: Path) -> None:
+    """bitsandbytes runs 4-bit on the CPU: QLoRA is no longer refused there (slow, but real)."""
+    ws = render(template_src, tmp_path / "ws", model="tiny-random", platform="cpu", method="qlora")
+    assert load_settings(ws / "settings.toml")["train"]["method"] == "qlora"
+    assert "bitsandbytes==" in (ws / "setup" / "requirements-cpu.txt").read_text("utf-8")
 
 
 def test_hyperparameters_are_asked_only_when_customizing(template_src: Path, tmp_path: Path) -> None:

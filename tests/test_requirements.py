@@ -24,7 +24,6 @@ from envkit import (
     pinned,
     read_requirements,
     run_setup,
-    settings_of,
 )
 from packaging.requirements import Requirement
 
@@ -105,15 +104,14 @@ def test_requirements_files(ws) -> None:
         assert options == [], f"{name}: {options}"
         if name == "requirements-vllm.txt":
             # vLLM's own environment: its wheel brings its own torch and transformers.
-            assert names == {"vllm", "bitsandbytes"}
+            assert names == {"vllm"}  # vLLM serves a QLoRA adapter on the full-precision base
             continue
         if name == "requirements-cuda.txt":
             assert names == COMMON | {"torch", "bitsandbytes", "onnxruntime-genai-cuda"}
         elif name == "requirements-cpu.txt":
             assert str(reqs["torch"]) == "torch==2.13.0"  # exactly: the installed +cpu build satisfies it
-            method = settings_of(root)["train"]["method"]
-            assert ("bitsandbytes" in names) == (method == "qlora")
-            assert names - {"bitsandbytes"} == COMMON | {"torch", "onnxruntime-genai"}
+            # bitsandbytes on the CPU too: QLoRA trains there, and a QLoRA adapter is served as trained.
+            assert names == COMMON | {"torch", "bitsandbytes", "onnxruntime-genai"}
         else:  # requirements-directml.txt: Windows-native inference only
             assert options == []
             assert names == {"onnxruntime-genai-directml", "jinja2", *VERSIONS["directml_from_common"]}
@@ -121,15 +119,14 @@ def test_requirements_files(ws) -> None:
         assert len(names & ORT_GENAI) == 1, f"{name}: exactly one ONNX Runtime GenAI build"
 
 
-def test_cpu_qlora_would_get_bitsandbytes() -> None:
-    """copier refuses qlora on cpu, so the macro's branch is checked directly."""
+def test_bitsandbytes_wherever_torch_is() -> None:
+    """QLoRA runs on CUDA and on the CPU: every environment with torch gets bitsandbytes."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO)), undefined=jinja2.StrictUndefined)
     macro = env.get_template("includes/requirements.jinja").module.pip_lines
-    assert "bitsandbytes==" in macro("cpu", [VERSIONS], "qlora")
-    assert "bitsandbytes==" not in macro("cpu", VERSIONS, "lora")
-    assert "bitsandbytes==" in macro("cuda", VERSIONS, "lora")
-    assert "torch==" not in macro("directml", VERSIONS, "qlora")
-    assert "index" not in macro("cpu", VERSIONS, "lora") + macro("cuda", VERSIONS, "lora")
+    assert "bitsandbytes==" in macro("cpu", [VERSIONS])
+    assert "bitsandbytes==" in macro("cuda", VERSIONS)
+    assert "torch==" not in macro("directml", VERSIONS) and "bitsandbytes" not in macro("directml", VERSIONS)
+    assert "index" not in macro("cpu", VERSIONS) + macro("cuda", VERSIONS)
 
 
 def test_conda_environment(ws) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.data import encode, load_rows, split_rows, to_messages
+from tuner.precision import Device, decide
 from tuner.settings import in_workspace
 
 BATCH_SIZE = 16  # prompts generated together (left-padded): seconds, not minutes, on a CPU
@@ -70,25 +71,16 @@ def answer_loss(
 
 
 def load_model(settings: dict[str, Any], path: Path) -> tuple[Any, Any]:
-    """The base model as it was fine-tuned: 4-bit for QLoRA, else in the training dtype."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """The base model as it was fine-tuned ([train] and the precision policy): 4-bit for QLoRA,
+    in the policy's dtype, on the GPU when there is one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    train = settings["train"]
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, train["compute_dtype"])}
-    if train["method"] == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=train["quant_type"],
-            bnb_4bit_use_double_quant=train["double_quant"],
-            bnb_4bit_compute_dtype=getattr(torch, train["compute_dtype"]),
-        )
-        kwargs["device_map"] = "auto"
+    precision = decide(settings["train"], Device.detect())
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"  # generation continues after the prompt, so pad before it
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **precision.load_kwargs())
     return model.eval(), tokenizer
 
 

@@ -10,30 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tuner.precision import Device, Precision, decide
+from tuner.runs import training_arguments
 from tuner.settings import CHECKPOINTS, OLIVE_CACHE, in_workspace
-
-# Keys of [train] that go to transformers' TrainingArguments as they are.
-TRAINER_KEYS = (
-    "seed",
-    "data_seed",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "gradient_accumulation_steps",
-    "gradient_checkpointing",
-    "learning_rate",
-    "lr_scheduler_type",
-    "num_train_epochs",
-    "max_steps",
-    "logging_steps",
-    "save_steps",
-    "eval_steps",
-)
-
-
-def device(settings: dict[str, Any]) -> str:
-    """Olive's accelerator: plain LoRA on a CPU-only workspace trains on the CPU."""
-    train = settings["train"]
-    return "cpu" if train["method"] == "lora" and settings["model"]["platform"] == "cpu" else "gpu"
 
 
 def run_settings_file(root: Path, run: str) -> Path:
@@ -50,32 +29,38 @@ def write_run_settings(settings: dict[str, Any], root: Path, run: str) -> None:
     path.write_text(json.dumps(settings, ensure_ascii=False), "utf-8")
 
 
-def olive_config(settings: dict[str, Any], root: Path, run: str) -> dict[str, Any]:
+def olive_config(settings: dict[str, Any], root: Path, run: str, precision: Precision | None = None) -> dict[str, Any]:
     """Olive 0.13's config for one run. `run` (a fingerprint of everything that decides the
-    result) names its checkpoint and cache folders, so a changed run never resumes a stale one."""
+    result) names its checkpoint and cache folders, so a changed run never resumes a stale one.
+    `precision`: the policy's for this machine unless given."""
     train = settings["train"]
+    precision = precision or decide(train, Device.detect())
     has_eval = train["eval_split"] > 0
     lora: dict[str, Any] = {
         "type": "QLoRA" if train["method"] == "qlora" else "LoRA",
         "r": train["lora_r"],
         "alpha": train["lora_alpha"],
         "lora_dropout": train["lora_dropout"],
-        "target_modules": train["target_modules"],
-        "torch_dtype": train["compute_dtype"],
+        "target_modules": train["target_modules"],  # the QLoRA pass puts LoRA on every 4-bit layer
+        # float16 loads in float32 and trains in fp16 mixed precision (Olive does this itself).
+        "torch_dtype": precision.compute_dtype,
+        # Olive's names: the whole model on this process's GPU, or (no GPU) "auto", the CPU.
+        "device_map": "current_device" if precision.device_map == "cuda" else "auto",
         "train_data_config": "train",
     }
     if has_eval:
         lora["eval_data_config"] = "eval"
-    if train["method"] == "qlora":
-        lora.update({key: train[key] for key in ("compute_dtype", "quant_type", "double_quant")})
-    lora["training_args"] = {key: train[key] for key in TRAINER_KEYS} | {
-        "save_strategy": "steps",
-        "save_total_limit": 2,
-        "dataloader_num_workers": 0,
-        "report_to": train["report_to"],
-        "output_dir": str(in_workspace(root, CHECKPOINTS) / run),
-    }
-    on_cpu = device(settings) == "cpu"
+    if precision.quantization is not None:
+        quant = precision.quantization
+        lora |= {
+            "compute_dtype": quant["bnb_4bit_compute_dtype"],
+            "quant_type": quant["bnb_4bit_quant_type"],
+            "double_quant": quant["bnb_4bit_use_double_quant"],
+        }
+    args = training_arguments(settings, precision, in_workspace(root, CHECKPOINTS) / run)
+    del args["fp16"]  # Olive sets it from torch_dtype and refuses it here
+    lora["training_args"] = args
+    on_cpu = precision.device_map == "cpu"
     accelerator = {
         "device": "cpu" if on_cpu else "gpu",
         "execution_providers": ["CPUExecutionProvider" if on_cpu else "CUDAExecutionProvider"],

@@ -1,6 +1,8 @@
-"""The bookkeeping of a fine-tuning run, shared by invoke_olive.py and train_sft.py: the checks
-made before anything heavy, one run per workspace, checkpoints that may be torn by a kill, and
-publishing the adapter so that a half-written one never looks finished."""
+"""One fine-tuning run, shared by invoke_olive.py (Olive) and train_sft.py (TRL): the checks made
+before anything heavy, the precision, one run per workspace, the run's fingerprint and folders,
+the [train] -> TrainingArguments table, checkpoints that may be torn by a kill, and publishing
+the adapter so that a half-written one never looks finished. Each script keeps only what is its
+own: Olive's workflow, or TRL and the launcher."""
 
 from __future__ import annotations
 
@@ -11,11 +13,30 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuner.data import check_lengths, check_rows, load_rows, split_rows
-from tuner.settings import RUN_RECORD, check_train, in_workspace
+from tuner.precision import Device, Precision, decide
+from tuner.settings import CHECKPOINTS, MODELS, RUN_RECORD, RUNS, adapter_dir, check_train, in_workspace
+
+# [train] keys that go to transformers' TrainingArguments as they are, in both trainers.
+TRAINER_KEYS = (
+    "seed",
+    "data_seed",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "learning_rate",
+    "lr_scheduler_type",
+    "num_train_epochs",
+    "max_steps",
+    "logging_steps",
+    "save_steps",
+    "eval_steps",
+)
 
 
 class RunError(Exception):
@@ -43,6 +64,86 @@ def check_run(settings: dict[str, Any], root: Path) -> tuple[list[dict[str, Any]
     from transformers import AutoTokenizer
 
     return rows, check_lengths(AutoTokenizer.from_pretrained(model_path), rows, train["max_seq_len"], settings)
+
+
+@dataclass
+class Run:
+    """One run as both trainers see it: its rows, precision, fingerprint and folders."""
+
+    settings: dict[str, Any]
+    rows: list[dict[str, Any]]
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    precision: Precision
+    fp: str  # the fingerprint: names the checkpoint, cache and log folders
+    checkpoints: Path
+    adapter: Path
+    staging: Path  # where the adapter is put together before it is published
+
+
+def start_run(
+    settings: dict[str, Any], root: Path, code: list[Path], rank: int = 0, processes: int = 1, fsdp: bool = False
+) -> Run:
+    """The checks (check_run), the precision on this machine, then, in the first process only, the
+    workspace's lock and the repair of an adapter left half-published. Raises SettingsError,
+    RunError or DatasetError; prints the warnings once."""
+    rows, warning = check_run(settings, root)
+    train = settings["train"]
+    device = Device.detect()
+    precision = decide(train, device, processes, fsdp)
+    notes = [warning, precision.note]
+    if train["method"] == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RunError(
+                '[train] method = "qlora" needs bitsandbytes: pip install -r setup/requirements-*.txt '
+                "(it is pinned there), or train plain LoRA with --set train.method=lora"
+            )
+        # Olive's QLoRA pass puts LoRA weights on every 4-bit linear layer whatever target_modules
+        # says; train_sft.py does the same (lora_targets), so that both train the same adapter.
+        notes.append("QLoRA: LoRA weights on every linear layer of the 4-bit base ([train] target_modules is for LoRA)")
+        if not device.cuda:
+            notes.append("QLoRA on the CPU (bitsandbytes 4-bit): it works, slowly; --cpu-lora is the fast choice here")
+    if rank == 0:
+        for note in filter(None, notes):
+            print(note, file=sys.stderr)
+    train_rows, eval_rows = split_rows(rows, train["eval_split"], train["data_seed"])
+    adapter = adapter_dir(root)
+    if rank == 0:
+        take_lock(root / MODELS / ".finetune.lock")
+        recover_adapter(adapter, root)
+    fp = fingerprint(settings, root, code)
+    # TensorBoard's folder for this run (both trainers' TensorBoard callback reads it).
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(in_workspace(root, RUNS) / fp))
+    checkpoints = in_workspace(root, CHECKPOINTS) / fp
+    staging = adapter.with_name(adapter.name + ".tmp")
+    return Run(settings, rows, train_rows, eval_rows, precision, fp, checkpoints, adapter, staging)
+
+
+def training_arguments(settings: dict[str, Any], precision: Precision, output_dir: Path) -> dict[str, Any]:
+    """transformers' TrainingArguments from [train] and the precision: the one table both trainers
+    use (Olive's LoRA passes hand it to their Trainer; train_sft.py to SFTConfig)."""
+    train = settings["train"]
+    return {key: train[key] for key in TRAINER_KEYS} | {
+        "output_dir": str(output_dir),
+        "save_strategy": "steps",
+        "save_total_limit": 2,
+        "eval_strategy": "steps" if train["eval_split"] > 0 else "no",
+        "dataloader_num_workers": 0,
+        "report_to": train["report_to"],
+        # The optimizer state of LoRA weights is small: plain AdamW for LoRA and QLoRA alike (Olive's
+        # QLoRA default is a paged optimizer, for memory spikes that LoRA weights never make).
+        "optim": "adamw_torch",
+        # Mixed precision: float16 compute over float32 weights; bfloat16 where the GPU has it.
+        "fp16": precision.mixed,
+        "bf16": precision.compute_dtype == "bfloat16",
+    }
+
+
+def lora_targets(train: dict[str, Any]) -> list[str] | str:
+    """The modules that get LoRA weights: [train] target_modules, or for QLoRA every linear layer
+    of the 4-bit base (what Olive's QLoRA pass does; peft's "all-linear" leaves out the output
+    layer, which bitsandbytes does not quantise either)."""
+    return "all-linear" if train["method"] == "qlora" else train["target_modules"]
 
 
 def take_lock(path: Path) -> None:

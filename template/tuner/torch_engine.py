@@ -12,31 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tuner.chat import END_TOKENS, ChatEngine, EngineError, Row
+from tuner.precision import Device, decide
 from tuner.settings import adapter_dir, in_workspace, trained_with
-
-
-def cuda_dtype(name: str) -> Any:
-    """The torch dtype `name` for CUDA, with float16 for bfloat16 on GPUs without bf16 (T4, V100):
-    there bf16 is emulated, many times slower, or refused by the kernels."""
-    import torch
-
-    if name == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return getattr(torch, name)
-
-
-def quantization_config(settings: dict[str, Any]) -> Any:
-    """The 4-bit config the base was fine-tuned with ([train] of the settings it was trained with),
-    so that serving computes what training did."""
-    from transformers import BitsAndBytesConfig
-
-    train = settings["train"]
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=train["quant_type"],
-        bnb_4bit_use_double_quant=train["double_quant"],
-        bnb_4bit_compute_dtype=cuda_dtype(train["compute_dtype"]),
-    )
 
 
 class Engine(ChatEngine):
@@ -60,29 +37,30 @@ class Engine(ChatEngine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        cuda = torch.cuda.is_available()
-        self.device = "cuda" if cuda else "cpu"
-        # fp32 on CPU: bf16 matmuls are slow there, and batched answers match single ones.
-        load: dict[str, Any] = {"dtype": cuda_dtype("bfloat16") if cuda else torch.float32}
-        # As the adapter was trained (its run.json; else the settings): 4-bit only for QLoRA on CUDA.
+        # As the adapter was trained (its run.json; else the settings), in the precision policy's
+        # dtype for this device: a QLoRA adapter on its 4-bit base, so that serving computes what
+        # training and the held-out evaluation did.
         trained = (None if baseonly else trained_with(adapter_path)) or settings
-        if trained["train"]["method"] == "qlora" and cuda and importlib.util.find_spec("bitsandbytes"):
-            load["quantization_config"] = quantization_config(trained)
-            load["dtype"] = load["quantization_config"].bnb_4bit_compute_dtype
+        precision = decide(trained["train"], Device.detect())
+        if precision.quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
+            raise EngineError(
+                "this adapter was trained with QLoRA on a 4-bit base, which needs bitsandbytes: "
+                "pip install -r setup/requirements-*.txt (it is pinned there)"
+            )
+        self.device = precision.device_map
         if settings["model"]["id"] == "tiny-random":
             torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, **load)
+        model = AutoModelForCausalLM.from_pretrained(model_path, **precision.load_kwargs())
         if not baseonly:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_path)
-            if "quantization_config" not in load:
+            if precision.quantization is None:
                 # Folded into the weights, the adapter costs nothing per token. A 4-bit base
                 # keeps it apart: merging would round the adapter into 4 bits.
                 model = model.merge_and_unload()
-        self.model = model.to(self.device) if "quantization_config" not in load else model
-        self.model.eval()
+        self.model = model.eval()
         self.model_name = settings["model"]["id"] + ("" if baseonly else "-finetuned")
         vocab = self.tokenizer.get_vocab()
         ends = {vocab[t] for t in END_TOKENS if t in vocab}
