@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def workspace_env(ws: Path) -> dict[str, str]:
     """The environment a workspace's scripts run in: its package (tuner/) importable, as its setup
-    would install it."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OLIVE_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ws)}
+    would install it, ahead of any PYTHONPATH already set (packages carried as wheels, say)."""
+    path = os.pathsep.join(filter(None, [str(ws), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OLIVE_DISABLE_TELEMETRY": "1", "PYTHONPATH": path}
 
 
 def workspace(model: str, ws: Path | None, prefix: str) -> Path:
