@@ -20,7 +20,7 @@ import torch
 from conftest import run_py
 from tuner.chat import DONE, Job, PromptTooLong, Row, conversation, is_text
 from tuner.data import load_rows
-from tuner.torch_engine import Engine, quantization_config
+from tuner.torch_engine import Engine
 
 TOKENS = 40
 
@@ -215,24 +215,6 @@ def test_merged_adapter_answers_like_peft(tuned_workspace: Path) -> None:
         answer = "".join(engine.stream(messages, stats, max_new_tokens=8))
         # The peft run does not stop at the chat template's end token; the engine does.
         assert expected.startswith(answer) and answer, (answer, expected)
-
-
-@pytest.mark.parametrize(
-    ("train", "bf16", "want"),
-    [
-        ({"quant_type": "fp4", "double_quant": False, "compute_dtype": "bfloat16"}, True, torch.bfloat16),
-        ({"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}, False, torch.float16),  # a T4
-        ({"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}, False, torch.float32),
-    ],
-)
-def test_quantization_config_follows_training(monkeypatch, train: dict, bf16: bool, want: torch.dtype) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    config = quantization_config({"train": train})
-    assert config.load_in_4bit
-    assert config.bnb_4bit_quant_type == train["quant_type"]
-    assert config.bnb_4bit_use_double_quant is train["double_quant"]
-    assert config.bnb_4bit_compute_dtype == want
 
 
 def test_worker_survives_many_small_batches(engine: Engine, prompts, alone: list[str]) -> None:

@@ -28,6 +28,7 @@ import tuner.olive
 from tuner.data import DatasetError
 from tuner.evaluation import evaluate
 from tuner.olive import olive_config, write_run_settings
+from tuner.precision import trainable_4bit
 from tuner.runs import RunError, last_complete_checkpoint, publish_run, start_run
 from tuner.settings import SettingsError, add_settings_arguments, settings_for_script
 
@@ -88,7 +89,8 @@ def main() -> None:
     # training seed, so the same answers give the same adapter (data_seed only splits/shuffles).
     torch.manual_seed(settings["train"]["seed"])
     try:
-        olive_run(copy.deepcopy(config))  # Olive rewrites the dict it is given
+        with trainable_4bit(run.precision):
+            olive_run(copy.deepcopy(config))  # Olive rewrites the dict it is given
     except KeyboardInterrupt:
         fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
 

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import tuner.data
 from tuner.data import DatasetError, tokenize
 from tuner.evaluation import evaluate
+from tuner.precision import trainable_4bit
 from tuner.runs import RunError, last_complete_checkpoint, lora_targets, publish_run, start_run, training_arguments
 from tuner.settings import SettingsError, add_settings_arguments, in_workspace, settings_for_script
 
@@ -157,15 +158,26 @@ def main() -> None:
         target_modules=lora_targets(train),
         task_type="CAUSAL_LM",
     )
-    trainer = SFTTrainer(
-        model=str(model_path),
-        args=config,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        quantization_config=precision.bnb_config(),
-    )
+    # The LoRA weights are made before the Trainer seeds itself: seed first with the training seed,
+    # as invoke_olive.py does, so that the seed decides them (data_seed only splits and shuffles).
+    torch.manual_seed(train["seed"])
+    with trainable_4bit(precision):
+        trainer = SFTTrainer(
+            model=str(model_path),
+            args=config,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            quantization_config=precision.bnb_config(),
+        )
+    if precision.quantization is not None:
+        # TRL casts a QLoRA adapter to bfloat16 (the QLoRA paper's choice), even on a CPU or a T4
+        # that computes in float32 or float16. peft, and so Olive, keep LoRA weights in float32:
+        # back to float32 before the optimizer is made, so that both trainers train the same adapter.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     try:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     except KeyboardInterrupt:

@@ -16,6 +16,8 @@ The rules:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,3 +122,23 @@ def vllm_dtype(train: dict[str, Any], device: Device) -> str:
     the base in it, never in 4-bit (it has no bitsandbytes method): a QLoRA adapter is served on
     the full-precision base it was quantised from."""
     return compute_dtype(train["compute_dtype"], device)
+
+
+@contextlib.contextmanager
+def trainable_4bit(precision: Precision) -> Iterator[None]:
+    """Around training a QLoRA base on the CPU. bitsandbytes 0.50.2, on CPUs with AVX512-BF16,
+    repacks a 4-bit layer for its fast inference kernel the first time the layer runs without
+    gradients (the Trainer's evaluation every eval_steps), and that kernel has no backward: from
+    then on the LoRA weights below get wrong gradients, silently. Layers made inside this block
+    keep the plain kernel; the evaluation and the chat, which load their own, keep the fast one."""
+    if precision.quantization is None or precision.device_map == "cuda":
+        yield
+        return
+    import bitsandbytes.nn.modules as modules
+
+    saved = modules.has_avx512bf16
+    modules.has_avx512bf16 = lambda: False
+    try:
+        yield
+    finally:
+        modules.has_avx512bf16 = saved
