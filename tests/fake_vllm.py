@@ -61,8 +61,10 @@ class Handler(BaseHTTPRequestHandler):
             message = "This model's maximum context length is 256 tokens. However, you requested 900 tokens."
             return self.reply(400, {"error": {"message": message, "type": "BadRequestError", "code": 400}})
         pieces, pause = (["word "] * 400, 0.05) if "LONG" in text else (ANSWER, 0.0)
-        pieces = pieces[: body["max_tokens"]]
-        finish = "stop" if len(pieces) < body["max_tokens"] else "length"
+        # As vLLM: max_completion_tokens, else the deprecated max_tokens (extra fields are ignored).
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 256  # else to the context (256)
+        pieces = pieces[:limit]
+        finish = "stop" if len(pieces) < limit else "length"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()

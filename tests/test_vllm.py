@@ -21,9 +21,11 @@ import pytest
 from conftest import PYTHON, REPO, Server, free_port, run_py, start_server
 from tuner import vllm
 from tuner.chat import EngineError
+from tuner.precision import Device
 from tuner.settings import load_settings
 
 KEY = "front-door-key"
+GPU = Device(cuda=True, capability=(9, 0))  # an H100, without asking this machine
 FAKE = REPO / "tests" / "fake_vllm.py"
 SYSTEM = "Name the tone of the phrase in one word."
 TEMPLATE = "Phrase: {phrase}\nTone:"
@@ -68,9 +70,8 @@ def test_command_line_for_a_lora_adapter(render_factory, tmp_path: Path) -> None
     ws = workspace(render_factory, tmp_path, rank=64)
     python = fake_vllm_python(ws)
     settings = load_settings(ws / "settings.toml")
-    cmd = vllm.command(settings, ws)
-    assert cmd[:3] == [str(python), "-m", "vllm.entrypoints.openai.api_server"]
-    assert option(cmd, "--model") == str(ws / "model-cache" / "tiny-random")
+    cmd = vllm.command(settings, ws, device=GPU)
+    assert cmd[:5] == [str(python), "-m", "vllm.entrypoints.cli.main", "serve", str(ws / "model-cache" / "tiny-random")]
     assert option(cmd, "--served-model-name") == "tiny-random"
     assert option(cmd, "--host") == "127.0.0.1" and option(cmd, "--port") == "8000"
     assert "--enable-lora" in cmd
@@ -78,19 +79,38 @@ def test_command_line_for_a_lora_adapter(render_factory, tmp_path: Path) -> None
     assert option(cmd, "--max-lora-rank") == "64"
     assert option(cmd, "--max-model-len") == "256"  # the model's context, under [serve] vllm_max_model_len
     assert option(cmd, "--gpu-memory-utilization") == "0.9"
-    assert option(cmd, "--dtype") == ("auto" if settings["train"]["compute_dtype"] == "bfloat16" else "float32")
+    assert option(cmd, "--dtype") == settings["train"]["compute_dtype"]
     assert "--quantization" not in cmd
     # The base model alone: no LoRA at all.
-    base = vllm.command(settings, ws, baseonly=True)
+    base = vllm.command(settings, ws, baseonly=True, device=GPU)
     assert "--enable-lora" not in base and "--lora-modules" not in base and "--max-lora-rank" not in base
 
 
 def test_command_line_for_a_qlora_adapter(render_factory, tmp_path: Path) -> None:
     ws = workspace(render_factory, tmp_path, rank=48, method="qlora")
     fake_vllm_python(ws)
-    cmd = vllm.command(load_settings(ws / "settings.toml"), ws)
-    assert option(cmd, "--quantization") == "bitsandbytes"  # the base in 4-bit, as it was trained
+    cmd = vllm.command(load_settings(ws / "settings.toml"), ws, device=GPU)
+    # vLLM has no bitsandbytes method: the base in 16-bit, not in 4-bit as it was trained.
+    assert "--quantization" not in cmd and "-q" not in cmd
+    assert option(cmd, "--dtype") == "bfloat16"
     assert option(cmd, "--max-lora-rank") == "64"
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        (Device(cuda=False), "float32"),
+        (Device(cuda=True, capability=(7, 5)), "float16"),  # T4: bfloat16 only emulated
+        (Device(cuda=True, capability=(8, 0)), "bfloat16"),  # A100
+        (Device(cuda=True, capability=(9, 0)), "bfloat16"),  # H100
+    ],
+)
+def test_dtype_follows_the_precision_policy(render_factory, tmp_path: Path, device: Device, dtype: str) -> None:
+    ws = workspace(render_factory, tmp_path, method="qlora", compute_dtype="bfloat16")
+    fake_vllm_python(ws)
+    settings = load_settings(ws / "settings.toml")
+    assert option(vllm.command(settings, ws, device=device), "--dtype") == dtype
+    assert option(vllm.command(settings, ws, baseonly=True, device=device), "--dtype") == dtype
 
 
 @pytest.mark.parametrize(("rank", "allowed"), [(1, 1), (8, 8), (12, 16), (48, 64), (64, 64), (300, 320), (512, 512)])
@@ -201,7 +221,7 @@ def test_vllm_started_with_the_adapter_on_localhost(front: Front) -> None:
     start = front.wait_for("start")
     assert len(start) == 1
     argv = start[0]["argv"]
-    assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[:3] == ["-m", "vllm.entrypoints.cli.main", "serve"]
     assert option(argv, "--host") == "127.0.0.1" and option(argv, "--port") == str(front.vllm_port)
     assert option(argv, "--lora-modules") == f"tiny-random-finetuned={front.ws / 'models' / 'adapter'}"
     assert option(argv, "--max-lora-rank") == "16"
@@ -242,7 +262,9 @@ def test_streamed_answer_through_the_front_door(front: Front) -> None:
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": "Phrase: The puppy fell asleep on my lap.\nTone:"},
     ]
-    assert (body["temperature"], body["top_p"], body["max_tokens"], body["stop"]) == (0.7, 0.9, 20, ["END"])
+    assert (body["temperature"], body["top_p"], body["max_completion_tokens"], body["stop"]) == (0.7, 0.9, 20, ["END"])
+    assert "max_tokens" not in body  # deprecated in vLLM 0.33
+    assert body["top_k"] == 50  # the torch engine's default, not the model's generation_config
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert request["authorization"] == f"Bearer {front.seen('start')[0]['key']}"
 
@@ -254,7 +276,9 @@ def test_plain_answer_with_length_finish(front: Front) -> None:
     assert answer["choices"][0]["message"]["content"] == "Hello,"
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer["usage"] == {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
-    assert front.seen("request")[-1]["body"]["temperature"] == 0.0  # greedy, as asked
+    sent = front.seen("request")[-1]["body"]
+    assert (sent["temperature"], sent["max_completion_tokens"]) == (0.0, 2)  # greedy, as asked
+    assert sent["top_k"] == 0  # vLLM's "no top-k", sent: else the model's generation_config top_k
 
 
 def test_our_api_key_is_still_required(front: Front) -> None:

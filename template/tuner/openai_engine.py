@@ -64,12 +64,14 @@ class OpenAIEngine(ChatEngine):
             "messages": job.messages,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "max_tokens": int(job.options.get("max_new_tokens", self.settings["chat"]["max_new_tokens"])),
+            # max_tokens is deprecated in vLLM 0.33's protocol.
+            "max_completion_tokens": int(job.options.get("max_new_tokens", self.settings["chat"]["max_new_tokens"])),
             "temperature": temperature,
             "top_p": top_p,
+            # vLLM's extension of the OpenAI request, sent even when 0 (vLLM's "no top-k"): left
+            # out, vLLM takes the model's generation_config top_k, which the torch engine ignores.
+            "top_k": top_k,
         }
-        if top_k:
-            body["top_k"] = top_k  # vLLM's extension of the OpenAI request
         if job.options.get("stop"):
             body["stop"] = job.options["stop"]
         return body

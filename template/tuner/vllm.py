@@ -24,11 +24,15 @@ from typing import Any
 
 from tuner.chat import EngineError
 from tuner.openai_engine import OpenAIEngine
+from tuner.precision import Device, vllm_dtype
 from tuner.settings import adapter_dir, in_workspace, trained_with
 
-# The values vLLM accepts for --max-lora-rank (its default, 16, is below our usual r of 64).
+# The values vLLM accepts for --max-lora-rank (its default, 16, is below our usual r of 64);
+# tests/test_vllm_contract.py checks them against vLLM's own parser.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# Loading the weights, 4-bit quantization in flight, compiling and capturing CUDA graphs: minutes.
+# vLLM's command-line entry (the `vllm` console script's module), run by the environment's Python.
+CLI_MODULE = "vllm.entrypoints.cli.main"
+# Loading the weights, compiling and capturing CUDA graphs: minutes.
 START_TIMEOUT_S = 900
 STOP_TIMEOUT_S = 30  # after SIGTERM, before SIGKILL
 
@@ -63,8 +67,9 @@ def lora_name(settings: dict[str, Any]) -> str:
     return settings["model"]["id"] + "-finetuned"
 
 
-def command(settings: dict[str, Any], root: Path, baseonly: bool = False) -> list[str]:
-    """vLLM's server command line; EngineError says what to do first (one line)."""
+def command(settings: dict[str, Any], root: Path, baseonly: bool = False, device: Device | None = None) -> list[str]:
+    """vLLM's server command line (`vllm serve`) for `device` (None: this machine's); EngineError
+    says what to do first (one line)."""
     serve = settings["serve"]
     if settings["model"]["platform"] == "cpu":
         raise EngineError(
@@ -83,21 +88,20 @@ def command(settings: dict[str, Any], root: Path, baseonly: bool = False) -> lis
             f"adapter not found in {adapter}: run `python finetuning/invoke_olive.py` first "
             "(or serve the base model: --baseonly)"
         )
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    # `vllm serve MODEL`: python -m vllm.entrypoints.openai.api_server is deprecated in vLLM 0.33.
+    cmd = [str(python), "-m", CLI_MODULE, "serve", str(model)]
     cmd += ["--served-model-name", settings["model"]["id"], "--host", "127.0.0.1", "--port", str(serve["vllm_port"])]
     cmd += ["--max-model-len", str(max_model_len(settings, root))]
     cmd += ["--gpu-memory-utilization", str(serve["gpu_memory_utilization"])]
     if not baseonly:
         rank = max_lora_rank(adapter_rank(adapter))
         cmd += ["--enable-lora", "--lora-modules", f"{lora_name(settings)}={adapter}", "--max-lora-rank", str(rank)]
-    # As the adapter was trained (its run.json; else the settings), like the torch engine.
+    # As the adapter was trained (its run.json; else the settings), in the policy's dtype for this
+    # GPU, like the torch engine. Never quantized: vLLM has no bitsandbytes method, so a QLoRA
+    # adapter is served on the 16-bit base it was quantized from, not the 4-bit base it was
+    # trained on (answers can differ slightly from the torch engine's).
     train = ((None if baseonly else trained_with(adapter)) or settings)["train"]
-    # bfloat16 is "auto": vLLM then keeps the checkpoint's bf16 where the GPU has it and takes
-    # float16 where it has not (T4, V100), where an explicit bfloat16 is refused.
-    cmd += ["--dtype", "auto" if train["compute_dtype"] == "bfloat16" else train["compute_dtype"]]
-    if train["method"] == "qlora":
-        # The base in 4-bit (bitsandbytes, quantized as it loads), as the adapter was trained on it.
-        cmd += ["--quantization", "bitsandbytes"]
+    cmd += ["--dtype", vllm_dtype(train, device or Device.detect())]
     return cmd
 
 
