@@ -119,19 +119,22 @@ def test_missing_model_names_the_command(render_factory, tmp_path: Path) -> None
     assert run.returncode == 1 and "python setup/download_model.py" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_qlora_preflight(render_factory, tuned_workspace: Path, tmp_path: Path) -> None:
+def without_bitsandbytes(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python cannot import bitsandbytes (as where it is not installed)."""
+    site = tmp_path / "no-bnb"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['bitsandbytes'] = None\n", "utf-8")
+    return {"PYTHONPATH": f".{os.pathsep}{site}"}
+
+
+@pytest.mark.parametrize("script", ["finetuning/invoke_olive.py", "finetuning/train_sft.py"])
+def test_qlora_without_bitsandbytes_is_one_line(render_factory, tuned_workspace: Path, tmp_path: Path, script) -> None:
+    """QLoRA runs wherever bitsandbytes does (the CPU too: tests/test_qlora.py); without it, one line."""
     ws = bare_workspace(render_factory, tmp_path, platform="cuda")
     shutil.copytree(tuned_workspace / "model-cache", ws / "model-cache")
-    run = run_py(ws, "finetuning/invoke_olive.py")
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert "QLoRA needs bitsandbytes: pip install bitsandbytes" in run.stderr
-    assert "--cpu-lora" in run.stderr
-    # With bitsandbytes importable but no CUDA GPU, the message says so.
-    fake = tmp_path / "fake"
-    (fake / "bitsandbytes").mkdir(parents=True)
-    (fake / "bitsandbytes" / "__init__.py").write_text("")
-    run = run_py(ws, "finetuning/invoke_olive.py", env={"PYTHONPATH": f".{os.pathsep}{fake}"})
-    assert run.returncode == 1 and "QLoRA needs a CUDA GPU" in run.stderr and "--cpu-lora" in run.stderr
+    run = run_py(ws, script, env=without_bitsandbytes(tmp_path))
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert 'method = "qlora" needs bitsandbytes' in run.stderr and "--set train.method=lora" in run.stderr
     assert not (ws / "models").exists()
 
 

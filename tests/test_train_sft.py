@@ -97,12 +97,37 @@ def test_bad_dataset_is_one_line(workspace: Path) -> None:
     assert not (workspace / "models").exists()
 
 
-def test_qlora_without_cuda_is_one_line(render_factory, tuned_workspace: Path, tmp_path: Path) -> None:
-    ws = tmp_path / "ws"
-    shutil.copytree(render_factory(model="tiny-random", platform="cuda", mode="local"), ws)
-    shutil.copytree(tuned_workspace / "model-cache", ws / "model-cache")
-    run = run_py(ws, "finetuning/train_sft.py")
-    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
-    assert run.stderr.startswith("error: QLoRA needs bitsandbytes and a CUDA GPU (bitsandbytes installed: False")
-    assert "--set train.method=lora" in run.stderr
-    assert not (ws / "models").exists()
+def test_every_argument_exists_in_the_pinned_trl_and_peft() -> None:
+    """What train_sft.py hands SFTConfig (the shared [train] table and its own keywords), LoraConfig
+    and SFTTrainer exists in the pinned trl 1.16 / transformers / peft, and is not a deprecated alias."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+    from tuner.precision import Device, decide
+    from tuner.runs import TRAINER_KEYS, training_arguments
+
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    train = {
+        "method": "qlora",
+        "compute_dtype": "bfloat16",
+        "quant_type": "nf4",
+        "double_quant": True,
+        "eval_split": 0.1,
+        "report_to": "none",
+    } | dict.fromkeys(TRAINER_KEYS, 1)
+    shared = training_arguments({"train": train}, decide(train, Device(True, (9, 0))), Path("out"))
+    shared["activation_checkpointing"] = shared.pop("gradient_checkpointing")  # as train_sft.py renames it
+    assert set(shared) <= fields, set(shared) - fields
+    source = (Path(__file__).parents[1] / "template" / "finetuning" / "train_sft.py").read_text("utf-8")
+    calls: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            calls.setdefault(node.func.id, set()).update(k.arg for k in node.keywords if k.arg)
+    assert calls["SFTConfig"] <= fields, calls["SFTConfig"] - fields
+    deprecated = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "evaluation_strategy", "no_cuda"}
+    assert not (calls["SFTConfig"] | set(shared)) & deprecated
+    assert calls["LoraConfig"] <= {f.name for f in dataclasses.fields(LoraConfig)}
+    assert calls["SFTTrainer"] <= set(inspect.signature(SFTTrainer.__init__).parameters)
