@@ -105,9 +105,8 @@ def test_train_sft_qlora_two_processes_train_what_one_does(
         launch = (
             ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
         )
-        run = run_py(
-            ws, *launch, "finetuning/train_sft.py", *common, "--set", f"train.per_device_train_batch_size={batch}"
-        )
+        batch_size = f"train.per_device_train_batch_size={batch}"
+        run = run_py(ws, *launch, "finetuning/train_sft.py", *common, "--set", batch_size, *more)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         return load_file(ws / "models" / "adapter" / "adapter_model.safetensors")
 
