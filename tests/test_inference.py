@@ -209,6 +209,36 @@ def test_console_undecodable_input_is_one_line(tuned_workspace: Path, locale: st
 
 
 @pytest.mark.slow
+def test_console_on_an_ascii_terminal(tuned_workspace: Path, train_rows) -> None:
+    """The base tiny model's answer holds U+FFFD and other non-ASCII text: a terminal that cannot
+    show them gets "?" instead of a traceback (one-shot and interactive)."""
+    phrase = train_rows[0]["phrase"]
+    args = ["inference/console_chat.py", "--baseonly", "--max-new-tokens", "48"]
+    utf8 = run_py(tuned_workspace, *args, "--prompt", phrase)
+    assert utf8.returncode == 0 and not utf8.stdout.isascii(), utf8.stdout  # what the test needs
+    ascii_env = {"PYTHONIOENCODING": "ascii"}
+    one = run_py(tuned_workspace, *args, "--prompt", phrase, env=ascii_env)
+    assert one.returncode == 0 and "Traceback" not in one.stderr, one.stderr[-3000:]
+    assert one.stdout.isascii() and "?" in one.stdout, one.stdout
+    chat = run_py(tuned_workspace, *args, input=f"{phrase}\n#end\n", env=ascii_env)
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr[-3000:]
+    assert chat.stdout.rstrip().endswith("Bye."), chat.stdout
+
+
+@pytest.mark.slow
+def test_console_drops_old_turns_to_fit_the_context(tuned_workspace: Path, train_rows) -> None:
+    """tiny-random's context is 256 tokens: a dozen long turns outgrow it. The oldest exchanges go
+    (said in one line) and every turn is answered, where each turn past the limit used to fail."""
+    turn = " ".join(row["phrase"] for row in train_rows[:2])
+    result = run_py(tuned_workspace, "inference/console_chat.py", input=f"{turn}\n" * 12 + "#end\n")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error:" not in result.stdout, result.stdout
+    assert result.stdout.count("Model: ") == 12, result.stdout
+    assert "(older turns dropped to fit the context)" in result.stdout, result.stdout
+    assert result.stdout.rstrip().endswith("Bye."), result.stdout
+
+
+@pytest.mark.slow
 def test_console_eof_exits_cleanly(tuned_workspace: Path) -> None:
     result = run_py(tuned_workspace, "inference/console_chat.py", input="")
     assert result.returncode == 0, result.stderr[-3000:]

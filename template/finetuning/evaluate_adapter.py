@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tuner.chat import EngineError
 from tuner.data import DatasetError
 from tuner.evaluation import evaluate
 from tuner.settings import adapter_dir, settings_for_script, trained_with
@@ -36,7 +37,7 @@ def main() -> None:
         settings = settings | {"train": trained["train"]}
     try:
         evaluate(adapter, settings, ROOT)
-    except (OSError, ValueError, DatasetError) as err:
+    except (OSError, ValueError, DatasetError, EngineError) as err:
         sys.exit(f"error: {err}")
 
 

@@ -8,11 +8,13 @@ python inference/console_chat.py --baseonly           # the base model, without 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
+from typing import Any
 
 from tuner.backends import load_engine
-from tuner.chat import EngineError, conversation, is_text
+from tuner.chat import ChatEngine, EngineError, conversation, is_text
 from tuner.settings import settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +22,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Python keeps input bytes undecodable in the terminal's encoding as lone surrogates (is_text).
 NOT_TEXT = "that input is not valid text in the terminal's encoding"
+DROPPED = "(older turns dropped to fit the context)"
+
+
+def fitting(
+    engine: ChatEngine,
+    history: list[dict[str, str]],
+    text: str,
+    settings: dict[str, Any],
+    system: str | None,
+    room: int,
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(history, messages) for the new turn, the oldest exchanges dropped until the prompt leaves
+    `room` tokens of the context for the answer; the system message stays, as conversation()
+    adds it. A turn too long alone is left to the engine, which says so."""
+    messages = conversation(history, text, settings, system)
+    while history and len(engine.prompt_ids(messages)) + room > engine.context:
+        history = history[2:]  # one user turn and its answer
+        messages = conversation(history, text, settings, system)
+    return history, messages
 
 
 def main() -> None:
@@ -33,6 +54,10 @@ def main() -> None:
         parser.add_argument("--" + option.replace("_", "-"), type=kind, help=f"default: [chat] {option}")
     parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
     args = parser.parse_args()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A terminal that cannot show a character (LANG=C, PYTHONIOENCODING=ascii) gets "?" for
+        # it instead of a traceback; UTF-8 terminals show everything as before.
+        sys.stdout.reconfigure(errors="replace")
     if args.prompt is not None and not is_text(args.prompt):
         sys.exit(f"error: {NOT_TEXT}")
     settings = settings_for_script(args.settings)
@@ -57,6 +82,9 @@ def main() -> None:
         return
 
     print(f"Chatting with {engine.model_name}. Type #end (or Ctrl-D) to quit.")
+    # Room kept for each answer: its limit, but never more than half the context, so that a large
+    # max_new_tokens does not drop every earlier turn.
+    room = min(options["max_new_tokens"], engine.context // 2)
     history: list[dict[str, str]] = []
     try:
         while True:
@@ -71,14 +99,17 @@ def main() -> None:
             if not is_text(text):
                 print(f"error: {NOT_TEXT}; type it again")
                 continue
-            messages = conversation(history, text, settings, args.system)
+            kept, messages = fitting(engine, history, text, settings, args.system, room)
+            if len(kept) < len(history):
+                print(DROPPED)
+                history = kept
             print("Model: ", end="", flush=True)
             answer = ""
             try:
                 for piece in engine.stream(messages, **options):
                     answer += piece
                     print(piece, end="", flush=True)
-            except EngineError as err:  # the conversation outgrew the context: say so, keep the chat
+            except EngineError as err:  # this turn alone outgrew the context: say so, keep the chat
                 print(f"\nerror: {err}")
                 continue
             print()

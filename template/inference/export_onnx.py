@@ -28,13 +28,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuner.onnx_engine import ADAPTER_FILE, export_dir
+from tuner.chat import EngineError
+from tuner.onnx_engine import ADAPTER_FILE, PRECISIONS, check_precision, export_dir
 from tuner.onnx_export import ADAPTER_NAME, ExportError, build, extract_adapter, merge
 from tuner.settings import PROVIDERS, adapter_dir, in_workspace, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-PRECISIONS = ["int4", "fp16", "fp32"]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -57,6 +56,10 @@ def main() -> None:
     settings = settings_for_script(args.settings)
     onnx, model_id = settings.get("onnx", {}), settings["model"]["id"]
     args.precision = args.precision or onnx.get("precision", "int4")
+    try:
+        check_precision(args.precision)
+    except EngineError as err:
+        fail(str(err))
     args.execution_provider = args.execution_provider or PROVIDERS[settings["model"]["platform"]]
 
     base = in_workspace(ROOT, settings["model"]["path"])

@@ -25,7 +25,7 @@ from tuner import vllm
 from tuner.api import create_app, evaluation_summary
 from tuner.backends import load_engine
 from tuner.chat import ChatEngine, EngineError
-from tuner.settings import adapter_dir, add_settings_arguments, settings_for_script
+from tuner.settings import SettingsError, adapter_dir, add_settings_arguments, check_serve_host, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,11 @@ def main() -> None:
     args = parser.parse_args()
     settings = settings_for_script(args.settings, args.overrides)
     serve = settings["serve"]
-    host, port = args.host or serve["host"], args.port or serve["port"]
+    host, port = serve["host"] if args.host is None else args.host, args.port or serve["port"]
+    try:
+        check_serve_host(host)
+    except SettingsError as err:
+        sys.exit(f"error: {err}")
     backend = serve.get("backend", "engine")
     if backend not in ("engine", "vllm"):
         sys.exit(f'error: [serve] backend = "{backend}" is not one of "engine", "vllm"')

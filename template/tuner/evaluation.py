@@ -87,8 +87,8 @@ def load_model(settings: dict[str, Any], path: Path) -> tuple[Any, Any]:
 def evaluate(adapter: Path, settings: dict[str, Any], root: Path) -> dict[str, Any] | None:
     """Base vs fine-tuned on the rows [train] eval_split and data_seed held out of training;
     prints the table and writes adapter/eval.json. The dataset error of tuner.data, if any, is
-    raised."""
-    from peft import PeftModel
+    raised, and EngineError for an adapter that is damaged or does not fit the base model."""
+    from tuner.torch_engine import load_adapter  # the chat engine's checks, one message
 
     eval_split, data_seed = settings["train"]["eval_split"], settings["train"]["data_seed"]
     _, held_out = split_rows(load_rows(settings, root), eval_split, data_seed)
@@ -99,7 +99,7 @@ def evaluate(adapter: Path, settings: dict[str, Any], root: Path) -> dict[str, A
     columns = ds["format"] == "columns"
     max_seq_len = settings["train"]["max_seq_len"]
     model, tokenizer = load_model(settings, in_workspace(root, settings["model"]["path"]))
-    model = PeftModel.from_pretrained(model, adapter)
+    model = load_adapter(model, adapter)
     prompts = [to_messages(row, settings)[:-1] for row in held_out]
     expected = [str(row[ds["target_column"]]) for row in held_out] if columns else []
     longest = max((len(tokenizer(e, add_special_tokens=False)["input_ids"]) for e in expected), default=0)

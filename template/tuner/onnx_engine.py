@@ -22,6 +22,15 @@ from tuner.chat import END_TOKENS, ChatEngine, EngineError
 from tuner.settings import in_workspace
 
 ADAPTER_FILE = "adapter.onnx_adapter"
+PRECISIONS = ["int4", "fp16", "fp32"]  # what inference/export_onnx.py builds
+
+
+def check_precision(precision: Any) -> None:
+    """EngineError for an [onnx] precision the export cannot build: the builder would take it
+    and fail later, with a message that does not point here."""
+    if precision not in PRECISIONS:
+        value = f'"{precision}"' if isinstance(precision, str) else repr(precision)
+        raise EngineError(f"[onnx] precision = {value} in settings.toml is not one of {', '.join(PRECISIONS)}")
 
 
 def export_dir(settings: dict[str, Any], root: Path, precision: str) -> Path:
@@ -47,6 +56,7 @@ class OnnxEngine(ChatEngine):
         super().__init__()
         self.settings = settings
         precision = precision or settings.get("onnx", {}).get("precision", "int4")  # [onnx] precision
+        check_precision(precision)
         command = "python inference/export_onnx.py" + ("" if precision == "int4" else f" --precision {precision}")
         path = export_dir(settings, root, precision)
         adapter = path / ADAPTER_FILE

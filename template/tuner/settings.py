@@ -94,6 +94,16 @@ def trained_with(adapter: Path) -> dict[str, Any] | None:
         return None
 
 
+def check_serve_host(host: Any) -> None:
+    """SettingsError for an empty [serve] host: uvicorn would take it for every interface, IPv4
+    and IPv6, and expose the server to the network without anyone having asked for that."""
+    if not isinstance(host, str) or not host.strip():
+        raise SettingsError(
+            f'serve.host = {_toml(host)} is not a host to listen on: set it to "127.0.0.1" (this machine only), '
+            'or "0.0.0.0" to listen on every interface deliberately'
+        )
+
+
 def execution_provider(settings: dict[str, Any]) -> str:
     return PROVIDERS[settings["model"]["platform"]]
 

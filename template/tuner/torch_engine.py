@@ -8,12 +8,56 @@ stop string, its own limit, or its caller gone).
 from __future__ import annotations
 
 import importlib.util
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tuner.chat import END_TOKENS, ChatEngine, EngineError, Row
 from tuner.precision import Device, decide
 from tuner.settings import adapter_dir, in_workspace, trained_with
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes (Olive and TRL)
+
+
+def load_adapter(model: Any, adapter: Path) -> Any:
+    """`model` with the LoRA adapter of the folder `adapter` (peft). A damaged adapter or one
+    made for another model is one EngineError naming the folder, as peft would otherwise fail
+    with a traceback, or (weights under other names) warn and answer like the base model."""
+    from peft import PeftModel
+    from safetensors import SafetensorError, safe_open
+
+    def bad(what: str) -> EngineError:
+        return EngineError(f"the adapter in {adapter} {what}: fine-tune again: python finetuning/invoke_olive.py")
+
+    try:
+        if not isinstance(json.loads((adapter / "adapter_config.json").read_text("utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise bad(f"has an unreadable adapter_config.json ({err})") from None
+    try:  # reads the header only: a truncated or empty file fails here
+        with safe_open(adapter / ADAPTER_WEIGHTS, "pt") as weights:
+            saved = set(weights.keys())
+    except (OSError, SafetensorError) as err:
+        raise bad(f"has no readable {ADAPTER_WEIGHTS} ({err})") from None
+    # peft warns with every key it missed; the check below says it in one line instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (ValueError, RuntimeError, TypeError, KeyError) as err:  # config or shapes not of this model
+            raise bad(f"does not fit the base model ({first_line(err)})") from None
+    # Keys as saved: peft drops the adapter name ("default") when it writes them.
+    wanted = {key.replace(".default.", ".") for key in model.state_dict() if ".lora_" in key}
+    if missing := sorted(wanted - saved):
+        raise bad(f"lacks {len(missing)} of the {len(wanted)} LoRA weights of its config, e.g. {missing[0]}")
+    return model
+
+
+def first_line(err: Exception) -> str:
+    """The telling line of a library's error: a size mismatch of the many it lists, else the first."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return next((line for line in lines if "mismatch" in line), lines[0])
 
 
 class Engine(ChatEngine):
@@ -53,9 +97,7 @@ class Engine(ChatEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, **precision.load_kwargs())
         if not baseonly:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_path)
+            model = load_adapter(model, adapter_path)
             if precision.quantization is None:
                 # Folded into the weights, the adapter costs nothing per token. A 4-bit base
                 # keeps it apart: merging would round the adapter into 4 bits.
