@@ -35,16 +35,19 @@ def main() -> None:
     add_settings_arguments(parser, ROOT, "serve.backend=vllm")
     parser.add_argument("--baseonly", action="store_true", help="serve the base model, no adapter")
     parser.add_argument("--host", help="default: [serve] host; use 0.0.0.0 only inside a container")
-    parser.add_argument("--port", type=int, help="default: [serve] port")
+    parser.add_argument("--port", type=int, help="default: [serve] port; 0: a free port (printed)")
     parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
     args = parser.parse_args()
     settings = settings_for_script(args.settings, args.overrides)
     serve = settings["serve"]
-    host, port = serve["host"] if args.host is None else args.host, args.port or serve["port"]
+    host = serve["host"] if args.host is None else args.host
+    port = serve["port"] if args.port is None else args.port
     try:
         check_serve_host(host)
     except SettingsError as err:
         sys.exit(f"error: {err}")
+    if not 0 <= port <= 65535:
+        sys.exit(f"error: port {port} is not between 0 and 65535")
     backend = serve.get("backend", "engine")
     if backend not in ("engine", "vllm"):
         sys.exit(f'error: [serve] backend = "{backend}" is not one of "engine", "vllm"')
@@ -74,7 +77,6 @@ def serve_app(engine: ChatEngine, settings: dict[str, Any], host: str, port: int
 
     api_key = os.environ.get(settings["serve"]["api_key_env"]) or None
     app = create_app(engine, api_key, None if baseonly else evaluation_summary(adapter_dir(ROOT)))
-    print(f"Serving {engine.model_name} on http://{host}:{port} (API at /v1)", flush=True)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -84,7 +86,10 @@ def serve_app(engine: ChatEngine, settings: dict[str, Any], host: str, port: int
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
-    Server(config).run()
+    # Bound here rather than inside uvicorn, to print the port it got: port 0 is a free one.
+    sock = config.bind_socket()
+    print(f"Serving {engine.model_name} on http://{host}:{sock.getsockname()[1]} (API at /v1)", flush=True)
+    Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

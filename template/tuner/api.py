@@ -22,18 +22,50 @@ from typing import Any
 from tuner.chat import DONE, ChatEngine, EngineError, Job, PromptTooLong, conversation, formatted, is_text
 
 ROLES = {"system", "user", "assistant"}
+# OpenAI's newer name for the system role.
+ALIASES = {"developer": "system"}
+# A stop string can be a few words; one of megabytes is an attack on the worker, not a stop.
+MAX_STOP_CHARS = 1000
+# OpenAI chat-completions fields that change nothing in an answer: identifiers and labels.
+LABELS = {"model", "user", "safety_identifier", "prompt_cache_key", "metadata"}
+# OpenAI fields this server does not implement, with the values that ask for nothing (their
+# defaults, or no tools at all); any other value would be ignored, so it is a 400 instead.
+DEFAULTS_ONLY: dict[str, list[Any]] = {
+    "n": [1],
+    "frequency_penalty": [0, 0.0],
+    "presence_penalty": [0, 0.0],
+    "logit_bias": [{}],
+    "tools": [[]],
+    "functions": [[]],
+    "tool_choice": ["none", "auto"],
+    "function_call": ["none", "auto"],
+    "parallel_tool_calls": [True, False],
+    "response_format": [{"type": "text"}],
+    "modalities": [["text"]],
+    "store": [False],
+    "service_tier": ["auto", "default"],
+    "verbosity": ["medium"],
+    "seed": [],
+    "audio": [],
+    "prediction": [],
+    "reasoning_effort": [],
+    "web_search_options": [],
+    "prompt_cache_retention": [],
+}
+SUPPORTED = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream"}
+SUPPORTED |= {"stream_options", "logprobs", "top_logprobs"} | LABELS
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, allow: str = ""
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.allow = status, message, param, code, allow
 
 
 def _number(body: dict[str, Any], name: str, low: float, high: float, default: float) -> float:
     value = body.get(name, default)
-    if value is None:
-        return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise ApiError(400, f"'{name}' must be a number between {low} and {high}", name)
     return float(value)
@@ -46,45 +78,77 @@ def _text(value: str, param: str) -> str:
     return value
 
 
-def parse_request(body: Any, context: int, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Validate a chat completion request; every problem becomes a 400 naming the field.
-    `defaults`: the settings' [chat] table (max_new_tokens, temperature, top_p)."""
+def _message(m: Any, i: int) -> dict[str, str]:
+    """One message as {"role", "content"}: text content, or text parts ({"type": "text",
+    "text": ...}) joined; images, audio, tool calls and the like are a 400 naming the field."""
+    where = f"messages[{i}]"
+    role = m.get("role") if isinstance(m, dict) else None
+    role = ALIASES.get(role, role) if isinstance(role, str) else None
+    if role not in ROLES:
+        raise ApiError(400, f"{where}.role must be one of {sorted(ROLES | set(ALIASES))}", f"{where}.role")
+    # A null field is an absent one: clients send back answers with "refusal": null and the like.
+    extra = sorted(k for k, v in m.items() if v is not None and k not in ("role", "content"))
+    if extra:
+        raise ApiError(400, f"{where}.{extra[0]} is not supported by this server", f"{where}.{extra[0]}")
+    content = m.get("content")
+    if isinstance(content, list) and content:
+        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        message = f"{where}.content must be a string or a list of text parts (images and audio are not supported)"
+        raise ApiError(400, message, f"{where}.content")
+    return {"role": role, "content": _text(content, f"{where}.content")}
+
+
+def parse_request(body: Any, context: int, defaults: dict[str, Any], logprobs: bool = False) -> dict[str, Any]:
+    """Validate a chat completion request; every problem, and every field this server would
+    otherwise ignore, becomes a 400 naming the field. `defaults`: the settings' [chat] table
+    (max_new_tokens, temperature, top_p); `logprobs`: whether the engine can return them."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # null means "the default", as in OpenAI's API
+    for name, value in body.items():
+        if name in DEFAULTS_ONLY:
+            if not any(type(value) is type(ok) and value == ok for ok in DEFAULTS_ONLY[name]):
+                raise ApiError(400, f"'{name}' is not supported by this server (only its default)", name)
+        elif name not in SUPPORTED:
+            raise ApiError(400, f"unrecognized request argument: '{name}'", name)
+        elif name in LABELS and not isinstance(value, dict if name == "metadata" else str):
+            raise ApiError(400, f"'{name}' must be {'an object' if name == 'metadata' else 'a string'}", name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of {sorted(ROLES)}", f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            content = "".join(texts) if all(isinstance(t, str) for t in texts) else None
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-        clean.append({"role": m["role"], "content": _text(content, f"messages[{i}].content")})
+    clean = [_message(m, i) for i, m in enumerate(messages)]
     if clean[-1]["role"] == "assistant":
         raise ApiError(400, "the last message must be from the user or the system", "messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = defaults["max_new_tokens"]
+    limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = body.get(limit, defaults["max_new_tokens"])
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= context:
-        raise ApiError(400, f"'max_tokens' must be an integer between 1 and {context}", "max_tokens")
-    stop = body.get("stop") or []
+        raise ApiError(400, f"'{limit}' must be an integer between 1 and {context}", limit)
+    stop = body.get("stop", [])
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"a stop string may be at most {MAX_STOP_CHARS} characters long", "stop")
     stop = [_text(s, "stop") for s in stop]
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
-    stream_options = body.get("stream_options") or {}
+    stream_options = body.get("stream_options", {})
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    for key, value in stream_options.items():
+        if key != "include_usage" or not isinstance(value, bool | None):
+            raise ApiError(400, "'stream_options' takes include_usage (true or false)", f"stream_options.{key}")
+    want = body.get("logprobs", False)
+    if not isinstance(want, bool):
+        raise ApiError(400, "'logprobs' must be true or false", "logprobs")
+    if want and not logprobs:
+        raise ApiError(400, "'logprobs' is not supported by this server's backend", "logprobs")
+    top = body.get("top_logprobs", 0)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20 or (top and not want):
+        raise ApiError(400, "'top_logprobs' must be an integer from 0 to 20, with logprobs: true", "top_logprobs")
     return {
         "messages": clean,
         "stream": stream,
@@ -94,6 +158,7 @@ def parse_request(body: Any, context: int, defaults: dict[str, Any]) -> dict[str
             "temperature": _number(body, "temperature", 0, 2, defaults["temperature"]),
             "top_p": _number(body, "top_p", 0, 1, defaults["top_p"]),
             "stop": stop,
+            **({"logprobs": top} if want else {}),
         },
     }
 
@@ -121,7 +186,12 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
     from fastapi.responses import JSONResponse, StreamingResponse
 
     defaults = engine.settings["chat"]
-    max_bytes = int(engine.settings["serve"].get("max_request_bytes", 2_097_152))
+    max_bytes = engine.settings["serve"].get("max_request_bytes", 2_097_152)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        # 0 or less would refuse every request: a server that cannot answer is refused at start.
+        raise EngineError(f"[serve] max_request_bytes must be a positive number of bytes, not {max_bytes!r}")
+    # A key read from a file or a secret store often ends in a newline that no client sends.
+    api_key = (api_key or "").strip() or None
 
     app = FastAPI(title=f"{engine.model_name} chat")
 
@@ -130,7 +200,7 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
         kind = "server_error" if err.status >= 500 else "invalid_request_error"
         kind = "authentication_error" if err.status == 401 else kind
         body = {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
-        return JSONResponse(body, status_code=err.status)
+        return JSONResponse(body, status_code=err.status, headers={"Allow": err.allow} if err.allow else None)
 
     def check_key(request: Request) -> None:
         if not api_key:
@@ -189,7 +259,7 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
             body = json.loads(await read_body(request))
         except (ValueError, RecursionError):  # bad JSON or UTF-8, huge integers, deep nesting
             raise ApiError(400, "the request body is not valid JSON") from None
-        req = parse_request(body, engine.context, defaults)
+        req = parse_request(body, engine.context, defaults, engine.has_logprobs)
         # The same prompt format as training and the other front-ends.
         req["messages"] = formatted(req["messages"], engine.settings)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -217,20 +287,27 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
         def cut_short() -> bool:
             return job.stats["finish_reason"] == "cancelled" and engine.closing
 
+        def logprobs(*pieces: str) -> dict[str, Any]:
+            # Only asked-for log-probabilities are given: OpenAI's field is null otherwise.
+            if "logprobs" not in req["options"]:
+                return {}
+            return {"logprobs": {"content": [t for p in pieces for t in getattr(p, "logprobs", [])], "refusal": None}}
+
         if not req["stream"]:
-            text = (first or "") + "".join([piece async for piece in answer])
+            parts = ([first] if first is not None else []) + [piece async for piece in answer]
             if cut_short():
                 raise ApiError(503, shutdown["message"], code=shutdown["code"])
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": {"role": "assistant", "content": "".join(parts)},
+                **logprobs(*parts),
                 "finish_reason": job.stats["finish_reason"],
             }
             return {**head, "object": "chat.completion", "choices": [choice], "usage": usage()}
 
         async def events() -> AsyncIterator[str]:
             def chunk(delta: dict[str, str], finish: str | None = None) -> str:
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, **logprobs(delta.get("content", "")), "finish_reason": finish}
                 return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
 
             yield chunk({"role": "assistant", "content": ""})
@@ -249,6 +326,21 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    other_methods = ["GET", "HEAD", "PUT", "PATCH", "DELETE"]
+
+    @app.api_route("/v1/chat/completions", methods=other_methods)
+    def completions_other_methods() -> None:
+        raise ApiError(405, "use POST for /v1/chat/completions", code="method_not_allowed", allow="POST")
+
+    @app.api_route("/v1/models", methods=["POST", "PUT", "PATCH", "DELETE"])
+    def models_other_methods() -> None:
+        raise ApiError(405, "use GET for /v1/models", code="method_not_allowed", allow="GET")
+
+    @app.api_route("/v1/{path:path}", methods=["POST", *other_methods])
+    def unknown(path: str) -> None:
+        # Without this, the page mounted at / would answer an HTML 404.
+        raise ApiError(404, f"no such endpoint: /v1/{path} (this server has /v1/chat/completions and /v1/models)")
+
     def respond(
         message: str, history: list[dict[str, Any]], max_new_tokens: int, temperature: float, top_p: float, top_k: int
     ) -> Iterator[str]:
@@ -259,18 +351,30 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
             for piece in engine.stream(conversation(turns, message, engine.settings), top_k=int(top_k), **options):
                 answer += piece
                 yield answer
-        except EngineError as err:  # a prompt too long for the context: said on the page
-            raise gr.Error(str(err)) from None
+        except EngineError as err:  # a prompt too long for the context: said on the page, not logged
+            raise gr.Error(str(err), print_exception=False) from None
 
+    class Slider(gr.Slider):  # this name: gradio finds the page's widget by the class name
+        """A value out of range (typed into the slider's number box) is said on the page: gradio's
+        own check logs a traceback for each. Within half a step of an end (float steps) it is that end."""
+
+        def preprocess(self, payload: Any) -> Any:
+            low, high, slack = self.minimum, self.maximum, self.step / 2
+            number = isinstance(payload, int | float) and not isinstance(payload, bool)
+            if not number or not low - slack <= payload <= high + slack:
+                raise gr.Error(f"{self.label}: {payload!r} is not between {low} and {high}", print_exception=False)
+            return super().preprocess(min(max(payload, low), high))
+
+    most = min(2048, engine.context)
     page = gr.ChatInterface(
         respond,
         title=f"Chat with {engine.model_name}",
         description=description,
         additional_inputs=[
-            gr.Slider(1, min(2048, engine.context), value=defaults["max_new_tokens"], step=1, label="Max new tokens"),
-            gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="Temperature (0 = greedy)"),
-            gr.Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p"),
-            gr.Slider(1, 200, value=defaults["top_k"], step=1, label="Top-k"),
+            Slider(1, most, value=min(defaults["max_new_tokens"], most), step=1, label="Max new tokens"),
+            Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="Temperature (0 = greedy)"),
+            Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p"),
+            Slider(1, 200, value=defaults["top_k"], step=1, label="Top-k"),
         ],
         additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
     )

@@ -56,16 +56,62 @@ def is_text(text: str) -> bool:
     return True
 
 
-def shown_length(text: str, stop: list[str]) -> int:
-    """How much of `text` can be shown yet: not half a multi-byte character, and not what may
-    be the start of a stop string (the next token may complete it)."""
-    ready = len(text.rstrip("\ufffd"))
-    for s in stop:
-        for k in range(len(s) - 1, 0, -1):
-            if text.endswith(s[:k]):
-                ready = min(ready, len(text) - k)
-                break
-    return ready
+class StopStrings:
+    """Finds stop strings in a text that arrives piece by piece, in time linear in the new piece
+    (Knuth-Morris-Pratt): rescanning the text for every prefix of every stop string on each token
+    cost the square of the stop string's length, so one request with a long stop string froze
+    the worker, and every client with it."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.fallback = [_fallback(s) for s in stops]
+        # For each stop string, how many of its first characters the text fed so far ends with.
+        self.matched = [0] * len(stops)
+        self.fed = 0
+
+    def feed(self, new: str) -> int | None:
+        """Take the next piece of text; where (in all the text fed) the earliest stop string
+        starts, or None."""
+        hit = None
+        for n, (stop, fallback) in enumerate(zip(self.stops, self.fallback, strict=True)):
+            k = self.matched[n]
+            for i, char in enumerate(new):
+                while k and stop[k] != char:
+                    k = fallback[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):
+                    start = self.fed + i + 1 - k
+                    hit = start if hit is None else min(hit, start)
+                    break
+            self.matched[n] = k
+        self.fed += len(new)
+        return hit
+
+    def held(self) -> int:
+        """How many characters at the end of the text may be the start of a stop string (the
+        next token may complete it): not to be shown yet."""
+        return max(self.matched, default=0)
+
+
+def _fallback(stop: str) -> list[int]:
+    """For each prefix stop[:i + 1], the length of its longest proper prefix that is also its
+    suffix: where a partial match goes on after a mismatch."""
+    table, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
+class Piece(str):
+    """A piece of an answer, with the log-probabilities of the tokens that made it (for a job
+    that asked for them: options["logprobs"], the number of alternatives per token)."""
+
+    logprobs: list[dict[str, Any]]
 
 
 class PromptTooLong(EngineError):
@@ -120,7 +166,9 @@ class Row:
     def __init__(self, engine: ChatEngine, job: Job) -> None:
         options = job.options
         self.job, self.tokenizer, self.end_ids = job, engine.tokenizer, engine.end_ids
-        self.stop: list[str] = options.get("stop") or []
+        self.stop = StopStrings(options.get("stop") or [])
+        self.top: int | None = options.get("logprobs")  # None: no log-probabilities wanted
+        self.logprobs: list[dict[str, Any]] = []  # of tokens whose text is not handed out yet
         self.prompt = engine.prompt_ids(job.messages)
         if len(self.prompt) >= engine.context:
             raise PromptTooLong(
@@ -138,8 +186,9 @@ class Row:
         self.done = False
         job.stats.update(prompt_tokens=len(self.prompt), completion_tokens=0, finish_reason="length")
 
-    def add(self, token: int) -> bool:
-        """Take the next token; True once this row is finished."""
+    def add(self, token: int, logprobs: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
+        """Take the next token (with its log-probability and the top alternatives', from a
+        backend with has_logprobs); True once this row is finished."""
         if self.done:
             return True
         stats = self.job.stats
@@ -151,19 +200,20 @@ class Row:
             return self._end()
         self.ids.append(token)
         stats["completion_tokens"] = len(self.ids)
-        before = len(self.text)
-        self.text += self._delta(final=False)
-        if self.stop and len(self.text) > before:
-            # A stop string can only end in the new text: search from where it could start.
-            start = max(0, before - max(map(len, self.stop)) + 1)
-            hit = min((i for s in self.stop if (i := self.text.find(s, start)) >= 0), default=-1)
-            if hit >= 0:
-                stats["finish_reason"] = "stop"
-                self.text = self.text[:hit]
-                return self._end(tail=False)
-        ready = shown_length(self.text, self.stop)
+        if self.top is not None and logprobs is not None:
+            chosen, top = logprobs
+            self.logprobs.append({**self._token(token, chosen), "top_logprobs": [self._token(*t) for t in top]})
+        new = self._delta(final=False)
+        self.text += new
+        hit = self.stop.feed(new)
+        if hit is not None:
+            stats["finish_reason"] = "stop"
+            self.text = self.text[:hit]
+            return self._end(tail=False)
+        # Not half a multi-byte character, and not what may be the start of a stop string.
+        ready = min(len(self.text.rstrip("\ufffd")), len(self.text) - self.stop.held())
         if ready > self.sent:
-            self.job.put(self.text[self.sent : ready])
+            self._put(self.text[self.sent : ready])
             self.sent = ready
         if len(self.ids) >= self.limit:
             return self._end()  # finish_reason stays "length"
@@ -188,10 +238,23 @@ class Row:
         if flush:
             if tail:
                 self.text += self._delta(final=True)  # a held-back half character, shown as is
-            if len(self.text) > self.sent:
-                self.job.put(self.text[self.sent :])
+            if len(self.text) > self.sent or self.logprobs:  # every token's log-probability is given
+                self._put(self.text[self.sent :])
                 self.sent = len(self.text)
         return True
+
+    def _put(self, text: str) -> None:
+        if self.top is None:
+            self.job.put(text)
+            return
+        piece = Piece(text)
+        piece.logprobs, self.logprobs = self.logprobs, []
+        self.job.put(piece)
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        """A token as OpenAI's logprobs list it (its text alone; half a character shows as \ufffd)."""
+        text = self.tokenizer.decode([token], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
 
 
 class ChatEngine:
@@ -210,6 +273,7 @@ class ChatEngine:
     model_name: str
     settings: dict[str, Any]
     max_batch = 1  # jobs generated together
+    has_logprobs = False  # whether generate() hands Row.add each token's log-probabilities
     gather_s = 0.01  # how long the worker waits for more jobs to join a batch it is starting
 
     def __init__(self) -> None:

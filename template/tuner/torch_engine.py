@@ -64,6 +64,7 @@ class Engine(ChatEngine):
     """transformers (+ peft): the base model and the fine-tuned adapter."""
 
     max_batch = 16  # rows per generate: past this a CPU gains little and each row slows down
+    has_logprobs = True
 
     def __init__(self, settings: dict[str, Any], root: Path, baseonly: bool = False) -> None:
         super().__init__()
@@ -114,7 +115,7 @@ class Engine(ChatEngine):
         self.context = int(getattr(self.model.config, "max_position_embeddings", 4096))
 
     def generate(self, rows: list[Row]) -> None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         torch = self.torch
         width = max(len(row.prompt) for row in rows)
@@ -122,12 +123,29 @@ class Engine(ChatEngine):
         ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
 
+        step: list[Any] = []  # the last step's log-probabilities, when a row asked for them
+
+        class Remember(LogitsProcessor):
+            """Before temperature, top-p and top-k (generate puts ours first): the model's own
+            distribution, as OpenAI's logprobs give it. Only the last step is kept, not every step."""
+
+            def __call__(self, input_ids: Any, scores: Any) -> Any:
+                step[:] = [torch.log_softmax(scores.float(), dim=-1)]
+                return scores
+
+        def logprobs(i: int, token: int) -> tuple[float, list[tuple[int, float]]] | None:
+            if rows[i].top is None:
+                return None
+            values, ids = step[0][i].topk(rows[i].top)
+            return float(step[0][i, token]), list(zip(ids.tolist(), values.tolist(), strict=True))
+
         class Deliver(StoppingCriteria):
             """Called by generate after every step: each row takes its token, and says if it is done."""
 
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 last = input_ids[:, -1].tolist()
-                return torch.tensor([row.add(t) for row, t in zip(rows, last, strict=True)], device=input_ids.device)
+                done = [row.add(t, logprobs(i, t)) for i, (row, t) in enumerate(zip(rows, last, strict=True))]
+                return torch.tensor(done, device=input_ids.device)
 
         temperature, top_p, top_k = rows[0].sampling
         options: dict[str, Any] = {"do_sample": False}
@@ -140,5 +158,6 @@ class Engine(ChatEngine):
                 max_new_tokens=max(row.limit for row in rows),
                 pad_token_id=self.pad_id,
                 stopping_criteria=StoppingCriteriaList([Deliver()]),
+                logits_processor=LogitsProcessorList([Remember()] if any(r.top is not None for r in rows) else []),
                 **options,
             )
