@@ -28,15 +28,17 @@ def test_torn_checkpoints_are_skipped_and_moved_aside(render_factory, tuned_work
     first = run_py(ws, "finetuning/invoke_olive.py", "--no-eval")
     assert first.returncode == 0, first.stderr[-3000:]
     [run_dir] = (ws / "models" / "checkpoints").iterdir()
-    (run_dir / "checkpoint-15").mkdir()  # shape 1: killed right after the folder was made
-    shutil.copytree(run_dir / "checkpoint-10", run_dir / "checkpoint-20")  # shape 2: no trainer_state.json
+    # As if killed while saving after step 5 (a finished run is not resumed: test_run_guards.py).
+    shutil.rmtree(ws / "models" / "adapter")
+    os.replace(run_dir / "checkpoint-10", run_dir / "checkpoint-20")  # shape 2: no trainer_state.json
     (run_dir / "checkpoint-20" / "trainer_state.json").unlink()
+    (run_dir / "checkpoint-15").mkdir()  # shape 1: killed right after the folder was made
     again = run_py(ws, "finetuning/invoke_olive.py", "--no-eval")
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
     for step in (15, 20):
         assert f"Skipping checkpoint-{step}, written only in part (moved to models/checkpoints/torn/" in again.stdout
         assert (ws / "models" / "checkpoints" / "torn" / f"{run_dir.name}-checkpoint-{step}").is_dir()
-    assert "Resuming from checkpoint-10" in again.stdout and "Adapter written to models/adapter" in again.stdout
+    assert "Resuming from checkpoint-5" in again.stdout and "Adapter written to models/adapter" in again.stdout
 
 
 def publish_killed_halfway(adapter: Path) -> None:

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import tuner.data
 import tuner.olive
@@ -29,13 +30,21 @@ from tuner.data import DatasetError
 from tuner.evaluation import evaluate
 from tuner.olive import olive_config, write_run_settings
 from tuner.precision import trainable_4bit
-from tuner.runs import RunError, last_complete_checkpoint, publish_run, start_run
+from tuner.runs import (
+    Run,
+    RunError,
+    already_trained,
+    last_complete_checkpoint,
+    publish_run,
+    start_over_reason,
+    start_run,
+)
 from tuner.settings import SettingsError, add_settings_arguments, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -61,15 +70,21 @@ def main() -> None:
         fail(str(err))
     except DatasetError as err:
         fail(str(err), code=2)
+    if not args.fresh and already_trained(run):
+        print(f"already trained (run {run.fp}): {run.adapter.relative_to(ROOT)} is its result; --fresh to train again")
+        return
     import torch
 
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer; ignored before
     config = olive_config(settings, ROOT, run.fp, run.precision)
     staging = Path(config["output_dir"])
-    if args.fresh:
+    reason = start_over_reason(run, ROOT, args.fresh)
+    if reason:
+        if not args.fresh:
+            print(f"{reason}: training it again from the start", flush=True)
         shutil.rmtree(run.checkpoints, ignore_errors=True)
-        shutil.rmtree(config["cache_dir"], ignore_errors=True)
+        shutil.rmtree(config["cache_dir"], ignore_errors=True)  # else Olive may hand back its cached result
     write_run_settings(settings, ROOT, run.fp)
 
     os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
@@ -91,26 +106,33 @@ def main() -> None:
     try:
         with trainable_4bit(run.precision):
             olive_run(copy.deepcopy(config))  # Olive rewrites the dict it is given
+        summary = publish_olive_output(run, config, staging)
     except KeyboardInterrupt:
         fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
-
-    # 3. Publish the adapter, with the record of what ran: a half-written adapter never looks
-    # finished.
-    found = sorted(staging.rglob("adapter_config.json"))
-    if not found:
-        fail(f"Olive finished but wrote no adapter under {staging}; see the log above")
-    shutil.rmtree(run.staging, ignore_errors=True)
-    shutil.copytree(found[-1].parent, run.staging)
-    (run.staging / "olive-config.json").write_text(json.dumps(config, indent=1), "utf-8")
-    last = last_complete_checkpoint(run.checkpoints, ROOT)
-    log_history = json.loads((last / "trainer_state.json").read_text("utf-8"))["log_history"] if last else []
-    summary = publish_run(run.staging, run.adapter, {"run": run.fp, "settings": settings}, log_history)
-    shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        # Olive's output folder and the unpublished copy, whatever happened: a failed run leaves
+        # only its checkpoints (models/checkpoints), which the next run resumes from.
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(run.staging, ignore_errors=True)
     print(f"Adapter written to {run.adapter.relative_to(ROOT)}{summary}", flush=True)
 
     # 4. Score base vs fine-tuned on the rows held out of training (writes adapter/eval.json).
     if not args.no_eval:
         evaluate(run.adapter, settings, ROOT)
+
+
+def publish_olive_output(run: Run, config: dict[str, Any], staging: Path) -> str:
+    """3. Publish the adapter Olive wrote, with the record of what ran: a half-written adapter never
+    looks finished. Returns the loss summary."""
+    found = sorted(staging.rglob("adapter_config.json"))
+    if not found:
+        fail(f"Olive finished but wrote no adapter under {staging}; see the log above")
+    shutil.rmtree(run.staging, ignore_errors=True)  # left by a run killed while copying
+    shutil.copytree(found[-1].parent, run.staging)
+    (run.staging / "olive-config.json").write_text(json.dumps(config, indent=1), "utf-8")
+    last = last_complete_checkpoint(run.checkpoints, ROOT)
+    log_history = json.loads((last / "trainer_state.json").read_text("utf-8"))["log_history"] if last else []
+    return publish_run(run.staging, run.adapter, {"run": run.fp, "settings": run.settings}, log_history)
 
 
 if __name__ == "__main__":

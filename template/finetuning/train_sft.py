@@ -29,7 +29,16 @@ import tuner.data
 from tuner.data import DatasetError, tokenize
 from tuner.evaluation import evaluate
 from tuner.precision import trainable_4bit
-from tuner.runs import RunError, last_complete_checkpoint, lora_targets, publish_run, start_run, training_arguments
+from tuner.runs import (
+    RunError,
+    already_trained,
+    last_complete_checkpoint,
+    lora_targets,
+    publish_run,
+    start_over_reason,
+    start_run,
+    training_arguments,
+)
 from tuner.settings import SettingsError, add_settings_arguments, in_workspace, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +65,8 @@ def main() -> None:
     # weights do not fit one GPU. Asked for with --fsdp, or by `accelerate launch --use_fsdp`: the
     # same FSDP options either way (set below).
     fsdp = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if fsdp and world_size == 1:  # transformers fails deep in setup without a process group
+        fail("FSDP shards the model over several processes: launch with torchrun --nproc_per_node N ... --fsdp")
 
     # 1. Check everything cheap, in every process, before loading anything heavy or writing
     # anything; the first process takes the workspace's lock. Only it publishes: on a filesystem
@@ -67,6 +78,11 @@ def main() -> None:
         fail(str(err))
     except DatasetError as err:
         fail(str(err), code=2)
+    if not args.fresh and already_trained(run):  # every process sees it: all stop here
+        if rank == 0:
+            adapter = run.adapter.relative_to(ROOT)
+            print(f"already trained (run {run.fp}): {adapter} is its result; --fresh to train again")
+        return
     if rank == 0:
         shutil.rmtree(run.staging, ignore_errors=True)
     model_path = in_workspace(ROOT, settings["model"]["path"])
@@ -139,7 +155,10 @@ def main() -> None:
 
     state = PartialState()  # the process group, set up by SFTConfig
     with state.main_process_first():  # the first process moves torn checkpoints aside before the rest look
-        if args.fresh and state.is_main_process:
+        reason = start_over_reason(run, ROOT, args.fresh) if state.is_main_process else ""
+        if reason:
+            if not args.fresh:
+                print(f"{reason}: training it again from the start", flush=True)
             shutil.rmtree(run.checkpoints, ignore_errors=True)
         last = last_complete_checkpoint(run.checkpoints, ROOT)
     if len(set(gather_object([last and last.name]))) > 1:  # machines that do not share the folder

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tuner.hub import HubError, download
+from tuner.hub import HubError, download, model_folder_problem, shown
 from tuner.settings import in_workspace, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +33,13 @@ def main() -> None:
     model = settings_for_script(args.settings)["model"]
     dest = in_workspace(ROOT, model["path"])
     if not model["hf_repo"]:
-        if (dest / "config.json").is_file() and not args.force:
-            print(f"{model['id']} is already built in {dest.relative_to(ROOT)}")
+        # A build killed midway leaves some of the files: only a complete folder counts as built.
+        problem = model_folder_problem(dest) if dest.is_dir() else ""
+        if dest.is_dir() and not problem and not args.force:
+            print(f"{model['id']} is already built in {shown(dest)}")
             return
+        if problem:
+            print(f"{shown(dest)} is incomplete ({problem}): building it again")
         build = [sys.executable, str(ROOT / "setup" / "build_tiny_model.py"), "--settings", str(args.settings)]
         sys.exit(subprocess.run(build).returncode)
     try:

@@ -12,10 +12,11 @@ import csv
 import io
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
-from tuner.settings import in_workspace
+from tuner.settings import SettingsError, in_workspace
 
 IGNORE_INDEX = -100  # label value the loss skips
 ROLES = {"system", "user", "assistant"}
@@ -109,6 +110,23 @@ def user_message(text: str, settings: dict[str, Any]) -> str:
     return settings["prompt"]["text_template"].replace("{" + columns[0] + "}", text)
 
 
+def check_prompt(settings: dict[str, Any]) -> None:
+    """SettingsError for a column dataset's text_template that names something other than an
+    input column, or none of them: to_messages() would put the placeholder's own text, the same
+    for every row, where the row's value belongs."""
+    ds = settings["dataset"]
+    if ds["format"] == "chat":
+        return
+    template, columns = settings["prompt"]["text_template"], ds["input_columns"]
+    # Only {word} is a placeholder: other braces (JSON in the prompt) are the prompt's own text.
+    unknown = [name for name in re.findall(r"\{(\w+)\}", template) if name not in columns]
+    if unknown or not any("{" + c + "}" in template for c in columns):
+        named = f"names {{{unknown[0]}}}, which is not an input column" if unknown else "names no input column"
+        raise SettingsError(
+            f"[prompt] text_template {named}: write the input columns as {', '.join('{' + c + '}' for c in columns)}"
+        )
+
+
 def check_rows(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     """Refuse, in one line, a dataset that cannot be trained on."""
     ds = settings["dataset"]
@@ -176,9 +194,12 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int) -> 
     return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
 
 
-def check_lengths(tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, settings: dict[str, Any]) -> str:
-    """Refuse, before any training, a dataset whose answers all fall past max_seq_len; return a
-    warning (or "") when most answers are cut short. Checks at most 2000 rows (a seeded sample)."""
+def check_lengths(
+    tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, settings: dict[str, Any], split: str = "train"
+) -> str:
+    """Refuse, before any training, a split whose answers all fall past max_seq_len (tokenize()
+    would have no example left); return a warning (or "") when most answers are cut short.
+    Checks at most 2000 rows (a seeded sample)."""
     sample = rows if len(rows) <= 2000 else random.Random(0).sample(rows, 2000)
     kept = cut = 0
     longest = 0
@@ -190,7 +211,8 @@ def check_lengths(tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, 
         cut += bool(answer_at) and answer_at[-1] >= max_seq_len
     if kept == 0:
         raise DatasetError(
-            f"every answer starts past max_seq_len {max_seq_len} tokens (longest example: {longest}): "
+            f"every answer starts past max_seq_len {max_seq_len} tokens (longest example: {longest}) "
+            f"in the {split} split: "
             "raise max_seq_len or shorten the inputs"
         )
     if cut > len(sample) / 2:

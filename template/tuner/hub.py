@@ -29,6 +29,44 @@ def shown(path: Path) -> Path:
     return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
+def model_folder_problem(folder: Path) -> str:
+    """What a model folder lacks for transformers to load it ("" when complete): a download or
+    build stopped midway leaves some files, and transformers then fails far away with a
+    misleading message (a missing tokenizer reads as a sentencepiece error, missing weights as
+    "Repo id must be a string")."""
+    if not (folder / "config.json").is_file():
+        return "no config.json"
+    tokenizers = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if not any((folder / name).is_file() for name in tokenizers) and not any(folder.glob("*.tiktoken")):
+        return "no tokenizer (tokenizer.json, tokenizer.model or vocab.json)"
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values())) if index.is_file() else []
+    except (OSError, ValueError, KeyError, AttributeError):
+        return f"{index.name} is unreadable"
+    for name in shards or ["model.safetensors"]:
+        problem = safetensors_problem(folder / name)
+        if problem:
+            return problem
+    return ""
+
+
+def safetensors_problem(path: Path) -> str:
+    """Whether a safetensors file is whole: its header says where the last tensor ends, so a
+    file cut short by a kill is caught without reading the weights."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        whole = path.stat().st_size == 8 + size + end
+    except FileNotFoundError:
+        return f"no {path.name}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        whole = False
+    return "" if whole else f"{path.name} is cut short or damaged"
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 

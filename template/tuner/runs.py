@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.data import check_lengths, check_rows, load_rows, split_rows
+from tuner.data import check_lengths, check_prompt, check_rows, load_rows, split_rows
+from tuner.hub import model_folder_problem
 from tuner.precision import Device, Precision, decide
 from tuner.settings import CHECKPOINTS, MODELS, RUN_RECORD, RUNS, adapter_dir, check_train, in_workspace
 
@@ -49,13 +50,19 @@ def check_run(settings: dict[str, Any], root: Path) -> tuple[list[dict[str, Any]
     teaches nothing). Returns the rows and a warning ("" if none); raises SettingsError, RunError,
     or DatasetError (a bad dataset)."""
     check_train(settings)
+    check_prompt(settings)
     train = settings["train"]
     rows = load_rows(settings, root)
     check_rows(rows, settings)
-    split_rows(rows, train["eval_split"], train["data_seed"])
+    train_rows, eval_rows = split_rows(rows, train["eval_split"], train["data_seed"])
     model_path = in_workspace(root, settings["model"]["path"])
     if not (model_path / "config.json").is_file():
         raise RunError(f"base model not found in {model_path}: run `python setup/download_model.py` first")
+    problem = model_folder_problem(model_path)
+    if problem:
+        raise RunError(f"the model folder {model_path} is incomplete ({problem}): run `python setup/download_model.py`")
+    if train["method"] == "lora":  # QLoRA takes every linear layer (lora_targets)
+        check_target_modules(model_path, train["target_modules"])
     if train["report_to"] != "none" and importlib.util.find_spec(train["report_to"]) is None:
         raise RunError(
             f"[train] report_to = {train['report_to']!r} needs the {train['report_to']} package: "
@@ -63,7 +70,29 @@ def check_run(settings: dict[str, Any], root: Path) -> tuple[list[dict[str, Any]
         )
     from transformers import AutoTokenizer
 
-    return rows, check_lengths(AutoTokenizer.from_pretrained(model_path), rows, train["max_seq_len"], settings)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # Each split is tokenised on its own (tokenize()), so each must keep an answer.
+    warning = check_lengths(tokenizer, train_rows, train["max_seq_len"], settings)
+    if eval_rows:
+        check_lengths(tokenizer, eval_rows, train["max_seq_len"], settings, "eval")
+    return rows, warning
+
+
+def check_target_modules(model_path: Path, targets: list[str]) -> None:
+    """RunError for a [train] target_modules name that matches no linear layer of the model (peft
+    fails with a traceback when none matches, and skips a typo silently when another does). The
+    model is built on the meta device: its layers without reading or allocating its weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    for target in targets:  # peft's rule: the whole name, or its end after a dot
+        if not any(n == target or n.endswith("." + target) for n in names):
+            leaves = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+            raise RunError(f"[train] target_modules: {target!r} names no linear layer of the model; it has: {leaves}")
 
 
 @dataclass
@@ -111,6 +140,10 @@ def start_run(
     if rank == 0:
         take_lock(root / MODELS / ".finetune.lock")
         recover_adapter(adapter, root)
+        # Olive's output folders of runs that failed or were killed: nothing in them resumes (the
+        # checkpoints are in models/checkpoints).
+        for leftover in (root / MODELS).glob(".run-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     fp = fingerprint(settings, root, code)
     # TensorBoard's folder for this run (both trainers' TensorBoard callback reads it).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(in_workspace(root, RUNS) / fp))
@@ -192,6 +225,36 @@ def last_complete_checkpoint(folder: Path, root: Path) -> Path | None:
     return good
 
 
+def already_trained(run: Run) -> bool:
+    """Whether models/adapter is this run's own result: its run.json names the run's fingerprint
+    and was written by publish_run, after training ended. Training again would only resume past
+    the end (the Trainer takes one more step from a final checkpoint)."""
+    try:
+        record = json.loads((run.adapter / RUN_RECORD).read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("run") == run.fp and record.get("complete") is True
+
+
+def trained_to_the_end(checkpoint: Path | None) -> bool:
+    """Whether a checkpoint is the run's last step (then it cannot be resumed: see already_trained)."""
+    if checkpoint is None:
+        return False
+    state = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    return state.get("global_step", 0) >= state.get("max_steps", 0) > 0
+
+
+def start_over_reason(run: Run, root: Path, fresh: bool) -> str:
+    """Why the run's checkpoints must go ("" to resume from them): --fresh, or a run that ended
+    but whose adapter has since been replaced (trained again from the start, the same seed gives
+    the same adapter)."""
+    if fresh:
+        return "--fresh"
+    if trained_to_the_end(last_complete_checkpoint(run.checkpoints, root)):
+        return f"run {run.fp} ended earlier, but {run.adapter.relative_to(root)} is no longer its result"
+    return ""
+
+
 def publish(new: Path, adapter: Path) -> None:
     """Put `new` in place of `adapter` by two renames, keeping the previous adapter until the
     new one is in place; a kill between them is repaired by recover_adapter()."""
@@ -206,7 +269,8 @@ def publish(new: Path, adapter: Path) -> None:
 def publish_run(staging: Path, adapter: Path, record: dict[str, Any], log_history: list[dict[str, Any]]) -> str:
     """Add the record of what ran (run.json), the loss history and its plot to the adapter in
     `staging`, then publish it. Returns the loss summary to print ("" without a history)."""
-    (staging / RUN_RECORD).write_text(json.dumps(record, indent=1), "utf-8")
+    # "complete": what already_trained() looks for (a record from before had no such key).
+    (staging / RUN_RECORD).write_text(json.dumps(record | {"complete": True}, indent=1), "utf-8")
     if log_history:
         (staging / "log_history.json").write_text(json.dumps(log_history, indent=1), "utf-8")
         plot_loss(log_history, staging / "loss.png")
@@ -230,7 +294,15 @@ def fingerprint(settings: dict[str, Any], root: Path, code: list[Path]) -> str:
         digest.update(in_workspace(root, settings["dataset"]["path"]).read_bytes())
     for path in code:
         digest.update(path.read_bytes())
-    digest.update((in_workspace(root, settings["model"]["path"]) / "config.json").read_bytes())
+    # Every byte of the base model's files: a rebuild with other weights keeps the config, the
+    # safetensors headers and the sizes, so only the weights themselves tell it apart. sha256 reads
+    # SmolLM2-135M's 270 MB in about 0.25 s (warm cache, one core): ~15 s for a 7B model, once per
+    # run, against hours of training.
+    model = in_workspace(root, settings["model"]["path"])
+    for path in sorted(p for p in model.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()[:12]
 
 

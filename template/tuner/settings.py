@@ -139,8 +139,9 @@ TRAIN: dict[str, tuple[Callable[[Any], bool], str]] = {
         'a non-empty list of module names, like ["q_proj", "v_proj"]',
     ),
     "eval_split": _number(lambda v: 0 <= v <= 0.5, "a number from 0 to 0.5"),
-    "seed": _int(0),
-    "data_seed": _int(0),
+    # numpy and the Trainer's samplers take 32-bit seeds: a larger one fails deep in training.
+    "seed": _int(0, 2**32 - 1),
+    "data_seed": _int(0, 2**32 - 1),
     "per_device_train_batch_size": _int(1, 1024),
     "per_device_eval_batch_size": _int(1, 1024),
     "gradient_accumulation_steps": _int(1, 1024),
