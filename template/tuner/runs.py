@@ -144,7 +144,7 @@ def start_run(
         # checkpoints are in models/checkpoints).
         for leftover in (root / MODELS).glob(".run-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-    fp = fingerprint(settings, root, code)
+    fp = fingerprint(settings, root, code, {"processes": processes, "fsdp": fsdp})
     # TensorBoard's folder for this run (both trainers' TensorBoard callback reads it).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(in_workspace(root, RUNS) / fp))
     checkpoints = in_workspace(root, CHECKPOINTS) / fp
@@ -286,10 +286,12 @@ def recover_adapter(adapter: Path, root: Path) -> None:
         print(f"Restored the previous adapter in {adapter.relative_to(root)} (a run was stopped while publishing)")
 
 
-def fingerprint(settings: dict[str, Any], root: Path, code: list[Path]) -> str:
+def fingerprint(settings: dict[str, Any], root: Path, code: list[Path], launch: dict[str, Any] | None = None) -> str:
     """What decides a run's result: the settings, the dataset bytes, the code that trains, the base
-    model. It names the run's checkpoint folder, so a changed run never resumes a stale one."""
-    digest = hashlib.sha256(json.dumps([settings[k] for k in ("train", "dataset", "prompt")], sort_keys=True).encode())
+    model, and how it is launched (processes, FSDP: another sharding is another optimizer state).
+    It names the run's checkpoint folder, so a changed run never resumes a stale one."""
+    decided = [settings[k] for k in ("train", "dataset", "prompt")] + ([launch] if launch else [])
+    digest = hashlib.sha256(json.dumps(decided, sort_keys=True).encode())
     if settings["dataset"]["source"] != "huggingface":
         digest.update(in_workspace(root, settings["dataset"]["path"]).read_bytes())
     for path in code:
