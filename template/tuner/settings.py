@@ -175,11 +175,15 @@ def check_train(settings: dict[str, Any]) -> None:
 
 
 def _toml(value: Any) -> str:
+    """A value as it would be written in settings.toml, on one line and at most ~80 characters, for
+    an error message (a newline or a pasted page in a value must not make it a wall of text)."""
     if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)  # escapes newlines and quotes as TOML does
+    else:
+        text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _parse_value(text: str) -> Any:
@@ -195,10 +199,12 @@ def with_overrides(settings: dict[str, Any], overrides: list[str]) -> dict[str, 
     Unknown keys and values of the wrong kind are refused; [train] values are range-checked."""
     settings = copy.deepcopy(settings)
     for item in overrides:
+        if not item.isprintable():  # a newline would end the TOML value early, silently
+            raise SettingsError(f"--set {_toml(item)}: a value is one line of printable text")
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
         if not sep or not dot or not key:
-            raise SettingsError(f"--set {item!r}: write section.key=value, like train.learning_rate=3e-4")
+            raise SettingsError(f"--set {_toml(item)}: write section.key=value, like train.learning_rate=3e-4")
         if section not in settings or not isinstance(settings[section], dict):
             raise SettingsError(f"--set {name}: settings.toml has no [{section}] table")
         table = settings[section]
@@ -211,7 +217,7 @@ def with_overrides(settings: dict[str, Any], overrides: list[str]) -> dict[str, 
             if type(old) is float and type(value) is int:
                 value = float(value)
             if type(value) is not type(old):
-                raise SettingsError(f"--set {name}={text}: expected a value of the same kind as {_toml(old)}")
+                raise SettingsError(f"--set {name}={_toml(value)}: expected a value of the same kind as {_toml(old)}")
         table[key] = value
     if overrides and "train" in settings:
         check_train(settings)
