@@ -117,10 +117,9 @@ def test_train_sft_qlora_two_processes_train_what_one_does(
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
     seed_diff = max((one[k] - other_seed[k]).abs().max().item() for k in one)
     print(f"QLoRA 2x2 vs 1x4, max abs diff {diff:.3g}; other seed {seed_diff:.3g}")
-    # bitsandbytes' fused 4-bit kernel (the first layer, whose input needs no gradient) sums in an
-    # order that follows the batch's shape: rounding that four Adam steps grow to ~1e-4. LoRA's
-    # plain matmuls give 1e-6 (test_train_sft.py); a bfloat16 adapter or unsynced processes, 5e-3.
-    assert diff < 5e-4 and seed_diff > 10 * diff, (diff, seed_diff)
+    # Equal up to rounding: the sums follow the batch's shape (bitsandbytes' fused 4-bit kernel, the
+    # CPU's BLAS), and Adam's first steps grow that to ~1e-4. A bfloat16 adapter differed by 6e-3.
+    assert diff < 1e-3 and seed_diff > 50 * max(diff, 1e-5), (diff, seed_diff)
     assert all(one[k].abs().max() > 1e-3 for k in one if "lora_B" in k)  # it trained
 
 
@@ -189,7 +188,9 @@ def test_smollm2_qlora_generalises(smol_base: Path, tmp_path: Path) -> None:
     --method qlora measured it; see the README)."""
     ws = tmp_path / "ws"
     shutil.copytree(smol_base, ws)
-    run = run_py(ws, "finetuning/invoke_olive.py", "--set", "train.method=qlora", "--set", "train.max_steps=30")
+    run = run_py(
+        ws, "finetuning/invoke_olive.py", "--set", "train.method=qlora", "--set", "train.max_steps=30", timeout=1800
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((ws / "models" / "adapter" / "eval.json").read_text("utf-8"))
     print(

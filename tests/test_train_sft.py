@@ -34,8 +34,8 @@ def train(ws: Path, *args: str, processes: int = 1) -> tuple[dict, float]:
     """Run train_sft.py (under torchrun for several processes); the adapter's tensors and the seconds."""
     from safetensors.torch import load_file
 
-    # Every example padded to max_seq_len: a batch of 4 and two of 2 then have the same shapes, so
-    # the sums inside the matrix products are the same sums (unpadded, they differ by ~5e-6).
+    # Every example padded to max_seq_len: a batch of 4 and two of 2 then have the same shapes per
+    # example (unpadded, the sums inside the matrix products differ more).
     common = ["--set", f"train.max_steps={STEPS}", "--set", "train.pad_to_max_len=true", *args]
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     start = time.monotonic()
@@ -46,7 +46,6 @@ def train(ws: Path, *args: str, processes: int = 1) -> tuple[dict, float]:
 
 
 def test_two_processes_train_what_one_does_with_twice_the_batch(workspace: Path) -> None:
-    import torch
 
     one, one_s = train(workspace, "--set", "train.per_device_train_batch_size=4")
     adapter = workspace / "models" / "adapter"
@@ -78,9 +77,13 @@ def test_two_processes_train_what_one_does_with_twice_the_batch(workspace: Path)
         f"2x2 vs 1x4, {STEPS} steps, max abs diff: DDP {diff:.3g}, FSDP {sharded_diff:.3g}; other seed {seed_diff:.3g}"
     )
     print(f"seconds: DDP {two_s:.0f}, FSDP {sharded_s:.0f}, 1 process with the evaluation {one_s:.0f}")
-    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-6) for k in one)
-    assert all(torch.allclose(one[k], sharded[k], rtol=0, atol=1e-6) for k in one)
-    assert seed_diff > 1e-3  # the comparison can fail: another initialisation lands elsewhere
+    # Equal up to rounding. How a matrix product sums depends on its shape, the CPU and its BLAS
+    # kernels: on one machine 1x4 and 2x2 gave bit-identical adapters, on another (AVX512-BF16)
+    # ~1e-5 per step, which Adam's first steps grow to ~1.5e-4 (the code before this change gave
+    # the same there). A real fault is far larger: an adapter trained in bfloat16 differed by 6e-3,
+    # another seed by 0.14.
+    assert diff < 1e-3 and sharded_diff < 1e-3, (diff, sharded_diff)
+    assert seed_diff > 50 * max(diff, sharded_diff, 1e-5)  # the comparison can fail
     assert all(one[k].abs().max() > 1e-3 for k in one if "lora_B" in k)  # B starts at zero: it trained
 
 
