@@ -121,7 +121,8 @@ def check_prompt(settings: dict[str, Any]) -> None:
     # Only {word} is a placeholder: other braces (JSON in the prompt) are the prompt's own text.
     unknown = [name for name in re.findall(r"\{(\w+)\}", template) if name not in columns]
     if unknown or not any("{" + c + "}" in template for c in columns):
-        named = f"names {{{unknown[0]}}}, which is not an input column" if unknown else "names no input column"
+        placeholder = "{" + unknown[0] + "}" if unknown else ""
+        named = f"names {placeholder}, which is not an input column" if unknown else "names no input column"
         raise SettingsError(
             f"[prompt] text_template {named}: write the input columns as {', '.join('{' + c + '}' for c in columns)}"
         )
