@@ -7,6 +7,7 @@ dropped here explicitly (and tests/test_questions.py checks that copier refuses 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -16,7 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -235,6 +238,37 @@ def start_server(ws: Path, log: Path, *args: str, env: dict[str, str] | None = N
         except httpx.HTTPError:
             pass
         time.sleep(1)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextlib.contextmanager
+def browser_page(url: str) -> Iterator[tuple[Any, Any]]:
+    """Debian's Chromium, headless, driven by playwright, on `url`: (the page, playwright's sync_api
+    for its `expect`). Skips where playwright or chromium is missing (never `playwright install`)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(180_000)
+            page.goto(url)
+            yield page, sync_api
+        finally:
+            browser.close()
 
 
 def sample_rows() -> list[dict]:

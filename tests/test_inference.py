@@ -26,19 +26,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ARTIFACTS, PYTHON, Server, free_port, run_py, sample_rows, start_server
+from conftest import ARTIFACTS, PYTHON, Server, browser_page, free_port, run_py, sample_rows, start_server
 
 KEY = "test-key-7f3a"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ADAPTER_HINT = "python finetuning/invoke_olive.py"
 
 
@@ -477,36 +467,25 @@ def test_sixteen_concurrent_clients(server: Server, good_rows, reference) -> Non
 @pytest.mark.slow
 @pytest.mark.browser
 def test_browser_chat(server: Server, good_rows) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     start = time.monotonic()
     row = good_rows[0]
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(180_000)
-            page.goto(server.url + "/")
-            # A wrong key is refused, the right one (any user name) lets in.
-            page.get_by_label("username").fill("tester")
-            page.get_by_label("password").fill("not-the-key")
-            page.get_by_role("button", name="Login").click()
-            sync_api.expect(page.get_by_text("Incorrect credentials", exact=False)).to_be_visible()
-            page.get_by_label("username").fill("tester")  # the form is cleared after a failure
-            page.get_by_label("password").fill(KEY)
-            page.get_by_role("button", name="Login").click()
-            # The held-out evaluation written beside the adapter is on the page.
-            sync_api.expect(page.get_by_text("Held-out evaluation on 42 rows", exact=False)).to_be_visible()
-            box = page.get_by_placeholder("Type a message...")
-            box.fill(row["phrase"])
-            box.press("Enter")
-            sync_api.expect(page.get_by_test_id("user").last).to_have_text(row["phrase"])
-            sync_api.expect(page.get_by_test_id("bot").last).to_have_text(row["expected"])
-            page.screenshot(path=str(ARTIFACTS / "gradio_chat.png"), full_page=True)
-        finally:
-            browser.close()
+    with browser_page(server.url + "/") as (page, sync_api):
+        # A wrong key is refused, the right one (any user name) lets in.
+        page.get_by_label("username").fill("tester")
+        page.get_by_label("password").fill("not-the-key")
+        page.get_by_role("button", name="Login").click()
+        sync_api.expect(page.get_by_text("Incorrect credentials", exact=False)).to_be_visible()
+        page.get_by_label("username").fill("tester")  # the form is cleared after a failure
+        page.get_by_label("password").fill(KEY)
+        page.get_by_role("button", name="Login").click()
+        # The held-out evaluation written beside the adapter is on the page.
+        sync_api.expect(page.get_by_text("Held-out evaluation on 42 rows", exact=False)).to_be_visible()
+        box = page.get_by_placeholder("Type a message...")
+        box.fill(row["phrase"])
+        box.press("Enter")
+        sync_api.expect(page.get_by_test_id("user").last).to_have_text(row["phrase"])
+        sync_api.expect(page.get_by_test_id("bot").last).to_have_text(row["expected"])
+        page.screenshot(path=str(ARTIFACTS / "gradio_chat.png"), full_page=True)
     print(f"\n[timing] test_browser_chat: {time.monotonic() - start:.1f} s")
 
 

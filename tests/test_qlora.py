@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, SMOL, Server, run_py, start_server
-from test_inference import CHROMIUM, CHROMIUM_ARGS, TONES
+from conftest import ARTIFACTS, SMOL, Server, browser_page, run_py, start_server
+from test_inference import TONES
 
 pytestmark = pytest.mark.slow
 
@@ -145,24 +145,13 @@ def test_api_and_page_answer_what_the_evaluation_scored(server: Server, qlora_tu
         r = server.post({"messages": [{"role": "user", "content": example["input"]}], "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"].strip() == example["tuned"]
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(180_000)
-            page.goto(server.url + "/")
-            sync_api.expect(page.get_by_text("Held-out evaluation on 42 rows", exact=False)).to_be_visible()
-            box = page.get_by_placeholder("Type a message...")
-            box.fill(examples[0]["input"])
-            box.press("Enter")
-            sync_api.expect(page.get_by_test_id("bot").last).to_have_text(examples[0]["tuned"])
-            page.screenshot(path=str(ARTIFACTS / "gradio_chat_qlora.png"), full_page=True)
-        finally:
-            browser.close()
+    with browser_page(server.url + "/") as (page, sync_api):
+        sync_api.expect(page.get_by_text("Held-out evaluation on 42 rows", exact=False)).to_be_visible()
+        box = page.get_by_placeholder("Type a message...")
+        box.fill(examples[0]["input"])
+        box.press("Enter")
+        sync_api.expect(page.get_by_test_id("bot").last).to_have_text(examples[0]["tuned"])
+        page.screenshot(path=str(ARTIFACTS / "gradio_chat_qlora.png"), full_page=True)
     log = server.log_tail(10**7)
     assert "Traceback" not in log, log[-4000:]
 
