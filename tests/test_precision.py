@@ -116,7 +116,7 @@ def test_one_table_for_both_trainers(tmp_path: Path) -> None:
     assert (on_t4["fp16"], on_t4["bf16"]) == (True, False)
     on_h100 = training_arguments(settings, decide(settings["train"], H100), tmp_path)
     assert (on_h100["fp16"], on_h100["bf16"]) == (False, True)
-    assert on_h100["optim"] == "adamw_torch" and on_h100["eval_strategy"] == "steps"
+    assert on_h100["optim"] == "adamw_torch_fused" and on_h100["eval_strategy"] == "steps"
     assert lora_targets(settings["train"]) == ["q_proj"]
     assert lora_targets({**settings["train"], "method": "qlora"}) == "all-linear"
 

@@ -163,9 +163,9 @@ def training_arguments(settings: dict[str, Any], precision: Precision, output_di
         "eval_strategy": "steps" if train["eval_split"] > 0 else "no",
         "dataloader_num_workers": 0,
         "report_to": train["report_to"],
-        # The optimizer state of LoRA weights is small: plain AdamW for LoRA and QLoRA alike (Olive's
-        # QLoRA default is a paged optimizer, for memory spikes that LoRA weights never make).
-        "optim": "adamw_torch",
+        # transformers' default AdamW (one fused kernel), for LoRA and QLoRA alike: Olive's QLoRA
+        # default is a paged optimizer, for memory spikes that LoRA weights never make.
+        "optim": "adamw_torch_fused",
         # Mixed precision: float16 compute over float32 weights; bfloat16 where the GPU has it.
         "fp16": precision.mixed,
         "bf16": precision.compute_dtype == "bfloat16",
