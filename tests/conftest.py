@@ -140,6 +140,17 @@ def run_py(ws: Path, *args: str, timeout: float = 600, **kw) -> subprocess.Compl
 
 
 @pytest.fixture(scope="session")
+def tiny_built(render_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-random CPU workspace with its model built (not fine-tuned). Read-only for tests:
+    copy it to change it."""
+    ws = tmp_path_factory.mktemp("tiny-built") / "ws"
+    shutil.copytree(render_factory(model="tiny-random", platform="cpu", mode="local"), ws)
+    build = run_py(ws, "setup/download_model.py")
+    assert build.returncode == 0, build.stderr[-3000:]
+    return ws
+
+
+@pytest.fixture(scope="session")
 def tuned_workspace(render_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny-random CPU workspace, with its model built and fine-tuned once per pytest run."""
     src = render_factory(model="tiny-random", platform="cpu", mode="local")

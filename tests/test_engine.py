@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_py
 from tuner.chat import DONE, Job, PromptTooLong, Row, conversation, is_text
 from tuner.data import load_rows
 from tuner.torch_engine import Engine
@@ -25,25 +24,13 @@ from tuner.torch_engine import Engine
 TOKENS = 40
 
 
-@pytest.fixture(scope="module")
-def tiny_base(render_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny-random CPU workspace with its model built (not fine-tuned)."""
-    import shutil
-
-    ws = tmp_path_factory.mktemp("engine") / "ws"
-    shutil.copytree(render_factory(model="tiny-random", platform="cpu", mode="local"), ws)
-    build = run_py(ws, "setup/download_model.py")
-    assert build.returncode == 0, build.stderr[-3000:]
-    return ws
-
-
 def settings_of(ws: Path) -> dict[str, Any]:
     return tomllib.loads((ws / "settings.toml").read_text("utf-8"))
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_base: Path) -> Engine:
-    eng = Engine(settings_of(tiny_base), tiny_base, baseonly=True)
+def engine(tiny_built: Path) -> Engine:
+    eng = Engine(settings_of(tiny_built), tiny_built, baseonly=True)
     eng.gather_s = 0.0  # the tests decide what is batched: they queue jobs under the lock
     sizes: list[int] = []
     generate = eng.generate
@@ -58,10 +45,10 @@ def engine(tiny_base: Path) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def prompts(tiny_base: Path) -> list[list[dict[str, str]]]:
+def prompts(tiny_built: Path) -> list[list[dict[str, str]]]:
     """16 conversations of different lengths (so rows are padded differently)."""
-    settings = settings_of(tiny_base)
-    rows = load_rows(settings, tiny_base)
+    settings = settings_of(tiny_built)
+    rows = load_rows(settings, tiny_built)
     return [conversation([], rows[i]["phrase"] + " and" * (i % 5), settings) for i in range(16)]
 
 

@@ -19,20 +19,10 @@ pytestmark = pytest.mark.slow
 SHORT = ["--no-eval", "--set", "train.max_steps=4", "--set", "train.save_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def built(render_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny-random CPU workspace with its model built (not fine-tuned). Copy it to change it."""
-    ws = tmp_path_factory.mktemp("built") / "ws"
-    shutil.copytree(render_factory(model="tiny-random", platform="cpu", mode="local"), ws)
-    build = run_py(ws, "setup/download_model.py")
-    assert build.returncode == 0, build.stderr[-3000:]
-    return ws
-
-
 @pytest.fixture
-def ws(built: Path, tmp_path: Path) -> Path:
+def ws(tiny_built: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "ws"
-    shutil.copytree(built, copy)
+    shutil.copytree(tiny_built, copy)
     return copy
 
 

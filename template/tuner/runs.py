@@ -44,11 +44,14 @@ class RunError(Exception):
     """A run that cannot start, said in one line."""
 
 
-def check_run(settings: dict[str, Any], root: Path) -> tuple[list[dict[str, Any]], str]:
+Rows = list[dict[str, Any]]
+
+
+def check_run(settings: dict[str, Any], root: Path) -> tuple[Rows, Rows, Rows, str]:
     """Everything cheap a run checks before loading the model: the [train] values, the dataset
     and its split, the base model, the logger, and answers within max_seq_len (an answer cut off
-    teaches nothing). Returns the rows and a warning ("" if none); raises SettingsError, RunError,
-    or DatasetError (a bad dataset)."""
+    teaches nothing). Returns the rows, the train and eval splits and a warning ("" if none); raises
+    SettingsError, RunError, or DatasetError (a bad dataset)."""
     check_train(settings)
     check_prompt(settings)
     train = settings["train"]
@@ -75,7 +78,7 @@ def check_run(settings: dict[str, Any], root: Path) -> tuple[list[dict[str, Any]
     warning = check_lengths(tokenizer, train_rows, train["max_seq_len"], settings)
     if eval_rows:
         check_lengths(tokenizer, eval_rows, train["max_seq_len"], settings, "eval")
-    return rows, warning
+    return rows, train_rows, eval_rows, warning
 
 
 def check_target_modules(model_path: Path, targets: list[str]) -> None:
@@ -100,9 +103,9 @@ class Run:
     """One run as both trainers see it: its rows, precision, fingerprint and folders."""
 
     settings: dict[str, Any]
-    rows: list[dict[str, Any]]
-    train_rows: list[dict[str, Any]]
-    eval_rows: list[dict[str, Any]]
+    rows: Rows
+    train_rows: Rows
+    eval_rows: Rows
     precision: Precision
     fp: str  # the fingerprint: names the checkpoint, cache and log folders
     checkpoints: Path
@@ -116,7 +119,7 @@ def start_run(
     """The checks (check_run), the precision on this machine, then, in the first process only, the
     workspace's lock and the repair of an adapter left half-published. Raises SettingsError,
     RunError or DatasetError; prints the warnings once."""
-    rows, warning = check_run(settings, root)
+    rows, train_rows, eval_rows, warning = check_run(settings, root)
     train = settings["train"]
     device = Device.detect()
     precision = decide(train, device, processes, fsdp)
@@ -135,7 +138,6 @@ def start_run(
     if rank == 0:
         for note in filter(None, notes):
             print(note, file=sys.stderr)
-    train_rows, eval_rows = split_rows(rows, train["eval_split"], train["data_seed"])
     adapter = adapter_dir(root)
     if rank == 0:
         take_lock(root / MODELS / ".finetune.lock")
