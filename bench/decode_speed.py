@@ -1,4 +1,4 @@
-"""Decode speed of the chat engine (tuner.torch_engine) against plain `model.generate`, at batch 1
+"""Decode speed of the chat engine (tuner.serving.hf) against plain `model.generate`, at batch 1
 and under concurrent clients, measured side by side in one run.
 
     python bench/decode_speed.py [--workspace WS] [--tokens 64] [--clients 16]
@@ -70,7 +70,7 @@ def main() -> None:
     import tomllib
 
     import torch
-    from tuner.torch_engine import Engine
+    from tuner.serving.hf import Engine
 
     settings = tomllib.loads((ws / "settings.toml").read_text("utf-8"))
     engine = Engine(settings, ws, baseonly=True)

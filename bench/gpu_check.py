@@ -4,7 +4,7 @@ the precision policy's choices and the final table.
     python bench/gpu_check.py render WS PLATFORM         # a workspace from this checkout's template
     python bench/gpu_check.py model WS [--small]         # random SmolLM2-135M-shaped model in WS
     python bench/gpu_check.py run STATS.json -- SCRIPT ARGS...  # run a workspace script, measured
-    python bench/gpu_check.py precision WS               # tuner.precision's choices here, as JSON
+    python bench/gpu_check.py precision WS               # tuner.training.precision's choices here, as JSON
     python bench/gpu_check.py meta DIR MODE              # the machine and package versions
     python bench/gpu_check.py table DIR                  # DIR/*.json -> one table on stdout
 """
@@ -201,9 +201,9 @@ def run_measured(stats_path: Path, script: list[str]) -> int:
 
 
 def precision(ws: Path) -> None:
-    """tuner.precision's choices on this machine, for LoRA and QLoRA, from the workspace's [train]."""
+    """tuner.training.precision's choices on this machine, for LoRA and QLoRA, from the workspace's [train]."""
     sys.path.insert(0, str(ws))
-    from tuner.precision import Device, decide
+    from tuner.training.precision import Device, decide
     from tuner.settings import load_settings
 
     train = load_settings(ws / "settings.toml")["train"]

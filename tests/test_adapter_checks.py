@@ -85,8 +85,8 @@ def one_error_line(stderr: str) -> str:
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_load_adapter_refuses_in_one_line(damaged: Callable[[str], Path], kind: str) -> None:
     from transformers import AutoModelForCausalLM
-    from tuner.chat import EngineError
-    from tuner.torch_engine import load_adapter
+    from tuner.serving.engine import EngineError
+    from tuner.serving.hf import load_adapter
 
     ws = damaged(kind)
     model = AutoModelForCausalLM.from_pretrained(ws / "model-cache" / "tiny-random")
@@ -128,7 +128,7 @@ def test_a_good_adapter_still_loads(tuned_workspace: Path) -> None:
     """The checks accept what the fine-tune writes (the engine tests use it merged)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from tuner.torch_engine import load_adapter
+    from tuner.serving.hf import load_adapter
 
     model = AutoModelForCausalLM.from_pretrained(tuned_workspace / "model-cache" / "tiny-random")
     assert isinstance(load_adapter(model, tuned_workspace / "models" / "adapter"), PeftModel)

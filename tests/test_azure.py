@@ -1,4 +1,4 @@
-"""tuner/azure.py, imported directly: az found on PATH, its JSON parsed, its failures one line
+"""tuner/cloud/az.py, imported directly: az found on PATH, its JSON parsed, its failures one line
 that names the command and none of its values, and the preflight checks."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tuner.azure import Az, AzureError, first_error
+from tuner.cloud.az import Az, AzureError, first_error
 
 # Answers with FAKE_AZ_REPLY ({"stdout", "stderr", "rc"}) and logs its argv and stdin to FAKE_AZ_LOG.
 FAKE_AZ = """\

@@ -1,4 +1,4 @@
-"""tuner/azureml.py, imported directly (no rendered workspace): the Azure ML command job and the
+"""tuner/cloud/azureml.py, imported directly (no rendered workspace): the Azure ML command job and the
 image it builds. The submission itself, against a fake az, is in tests/test_remote.py."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tuner import azureml
-from tuner.azure import AzureError
-from tuner.remote import SECRET_DIRS, SECRET_FILES, Context
+from tuner.cloud import azureml
+from tuner.cloud.az import AzureError
+from tuner.cloud.containerapps import SECRET_DIRS, SECRET_FILES, Context
 
 SETTINGS = {
     "model": {"id": 'Org/Model "quoted": yes # not a comment'},

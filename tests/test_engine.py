@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import torch
-from tuner.chat import DONE, Job, PromptTooLong, Row, conversation, is_text
+from tuner.serving.engine import DONE, Job, PromptTooLong, Row, conversation, is_text
 from tuner.data import load_rows
-from tuner.torch_engine import Engine
+from tuner.serving.hf import Engine
 
 TOKENS = 40
 

@@ -1,4 +1,4 @@
-"""tuner/evaluation.py: how an answer is scored, and the report it prints. The whole evaluation,
+"""tuner/training/evaluation.py: how an answer is scored, and the report it prints. The whole evaluation,
 base vs fine-tuned on a real model, is tests/test_finetune.py's."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tuner.evaluation import print_report, score
+from tuner.training.evaluation import print_report, score
 
 
 @pytest.mark.parametrize(

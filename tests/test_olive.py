@@ -1,4 +1,4 @@
-"""tuner/olive.py builds olive-ai 0.13's schema from [train], with no key Olive would ignore.
+"""tuner/training/olive.py builds olive-ai 0.13's schema from [train], with no key Olive would ignore.
 
 Olive 0.13 logs "... Ignoring them." for unknown keys and trains with its own defaults (the
 anchor's 0.7-era `lora_r`, `dataset_type`, `source_max_len`... are silently dropped). This
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import transformers
-from tuner.olive import olive_config
-from tuner.precision import Device, decide
+from tuner.training.olive import olive_config
+from tuner.training.precision import Device, decide
 from tuner.settings import load_settings, with_overrides
 
 TRAINING_ARGS = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}

@@ -1,5 +1,5 @@
 """ONNX Runtime GenAI: the fine-tuned adapter exported for onnxruntime-genai (inference/export_onnx.py,
-tuner/onnx_export.py) and the engine on it (tuner/onnx_engine.py), checked against transformers +
+tuner/serving/onnx_build.py) and the engine on it (tuner/serving/ort.py), checked against transformers +
 peft. The published builds are tests/test_hub.py's."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def first_token_diffs(ws: Path) -> dict[str, float]:
 def tone_answers(ws: Path, precision: str) -> dict:
     """Greedy answers on the training phrases, with and without the adapter."""
     from tuner.data import load_rows, split_rows, to_messages
-    from tuner.onnx_engine import OnnxEngine
+    from tuner.serving.ort import OnnxEngine
 
     settings, root = in_workspace(ws)
     train, _ = split_rows(load_rows(settings, root), 0.1, 42)
@@ -186,7 +186,7 @@ def test_precision_setting_picks_the_export(exported: Path, tmp_path: Path) -> N
     run = run_py(ws, "inference/console_chat.py", "--backend", "onnx", "--prompt", "The puppy fell asleep on my lap.")
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert run.stdout.strip(), "no answer"
-    from tuner.onnx_engine import OnnxEngine
+    from tuner.serving.ort import OnnxEngine
 
     engine = OnnxEngine(*in_workspace(ws))
     assert engine.model_name.endswith("-onnx-fp16")
@@ -195,8 +195,8 @@ def test_precision_setting_picks_the_export(exported: Path, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_stream_limits_and_stop_strings(exported: Path) -> None:
-    from tuner.chat import conversation
-    from tuner.onnx_engine import OnnxEngine
+    from tuner.serving.engine import conversation
+    from tuner.serving.ort import OnnxEngine
 
     settings, root = in_workspace(exported)
     engine = OnnxEngine(settings, root, baseonly=True, precision="fp32")
@@ -216,8 +216,8 @@ def test_stream_limits_and_stop_strings(exported: Path) -> None:
 
 @pytest.mark.slow
 def test_missing_pieces_name_the_command(exported: Path, tmp_path: Path) -> None:
-    from tuner.chat import EngineError
-    from tuner.onnx_engine import OnnxEngine
+    from tuner.serving.engine import EngineError
+    from tuner.serving.ort import OnnxEngine
 
     ws = tmp_path / "ws"
     shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("onnx", "olive-cache", "checkpoints"))
@@ -239,8 +239,8 @@ def test_missing_pieces_name_the_command(exported: Path, tmp_path: Path) -> None
 def test_baseonly_falls_back_to_the_downloaded_model(exported: Path, tmp_path: Path) -> None:
     """Without an export, --baseonly chats with the published build setup/download_onnx.py fetched
     (stood in for by the export, adapter file removed: tiny-random has no published build)."""
-    from tuner.chat import EngineError, conversation
-    from tuner.onnx_engine import OnnxEngine
+    from tuner.serving.engine import EngineError, conversation
+    from tuner.serving.ort import OnnxEngine
 
     ws = tmp_path / "ws"
     shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))

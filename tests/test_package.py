@@ -1,5 +1,6 @@
 """The workspace package, tuner/: every module imports with no workspace around it, no import
-circle, and no code in a rendered workspace touches sys.path."""
+circle, the layers import one way, cloud/ needs nothing but the standard library, and no code in
+a rendered workspace touches sys.path."""
 
 from __future__ import annotations
 
@@ -12,7 +13,47 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "template" / "tuner"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+# Dotted names under tuner: "settings", "training.runs", "serving.api", "cloud.az", ...
+MODULES = sorted(
+    ".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"
+)
+LAYERS = ("training", "serving", "cloud")
+# The workspace's entry scripts live in these folders; the package never imports them.
+SCRIPT_FOLDERS = {"setup", "finetuning", "inference", "infra", "tests"}
+
+
+def source(module: str) -> str:
+    return (PACKAGE / (module.replace(".", "/") + ".py")).read_text("utf-8")
+
+
+def imports_of(module: str) -> set[str]:
+    """Every module `module` imports, at any depth of its code (lazy imports included), as
+    written: "tuner.training.runs", "torch", "json", ..."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source(module))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module in ("tuner", *(f"tuner.{layer}" for layer in LAYERS)):
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def package_imports(module: str) -> set[str]:
+    """The tuner modules `module` imports, as dotted names under tuner."""
+    return {name.removeprefix("tuner.") for name in imports_of(module) if name.startswith("tuner.")} & set(MODULES)
+
+
+def test_the_layout() -> None:
+    """The layers of tuner/__init__.py's docstring, and no module outside them but the three
+    shared ones."""
+    assert {m for m in MODULES if "." not in m} == {"settings", "data", "hub"}
+    assert {m.split(".")[0] for m in MODULES if "." in m} == set(LAYERS)
+    docstring = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text("utf-8"))) or ""
+    for module in MODULES:
+        assert module.split(".")[-1] in docstring, f"tuner/__init__.py does not say what {module} is for"
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -23,20 +64,6 @@ def test_module_imports_without_a_workspace(module: str, tmp_path: Path) -> None
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not list(tmp_path.iterdir()), "importing wrote files"
-
-
-def package_imports(module: str) -> set[str]:
-    """The tuner modules `module` imports, at any depth of its code."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text("utf-8"))
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tuner."):
-            found.add(node.module.removeprefix("tuner."))
-        elif isinstance(node, ast.ImportFrom) and node.module == "tuner":
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(a.name.removeprefix("tuner.") for a in node.names if a.name.startswith("tuner."))
-    return found & set(MODULES)
 
 
 def test_no_import_circle() -> None:
@@ -54,6 +81,48 @@ def test_no_import_circle() -> None:
     for module in MODULES:
         visit(module, [])
     assert graph["settings"] == set()  # the root of everything: it imports no other module
+
+
+def test_the_layers_import_one_way() -> None:
+    """settings, data and hub import no layer; serving takes only the precision policy from
+    training (never its trainers: Olive's config, a run's bookkeeping, the evaluation); training
+    loads an adapter for its evaluation as the chat engine does, and nothing else of serving;
+    cloud imports neither; nothing imports an entry script."""
+    for module in MODULES:
+        layer = module.split(".")[0] if "." in module else None
+        deps = package_imports(module)
+        if layer is None:
+            assert not {d for d in deps if "." in d}, (module, deps)
+        elif layer == "serving":
+            assert {d for d in deps if d.startswith("training.")} <= {"training.precision"}, (module, deps)
+            assert not {d for d in deps if d.startswith("cloud.")}, (module, deps)
+        elif layer == "cloud":
+            assert not {d for d in deps if d.startswith(("training.", "serving."))}, (module, deps)
+        elif layer == "training":
+            allowed = {"serving.hf"} if module == "training.evaluation" else set()
+            assert {d for d in deps if d.startswith(("serving.", "cloud."))} <= allowed, (module, deps)
+        scripts = {name for name in imports_of(module) if name.split(".")[0] in SCRIPT_FOLDERS}
+        assert not scripts, (module, scripts)
+
+
+def test_cloud_needs_only_the_standard_library() -> None:
+    """Everything tuner/cloud/ reaches, through the package's own modules too, is the standard
+    library: infra/remote.py runs on a machine with nothing but Python and the Azure CLI."""
+    seen: set[str] = set()
+    todo = [m for m in MODULES if m.startswith("cloud.")]
+    assert todo
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        for name in imports_of(module):
+            if name.startswith("tuner."):
+                todo.extend(sorted({name.removeprefix("tuner.")} & set(MODULES)))
+            else:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top == "__future__", f"tuner/{module} imports {name}"
+    assert "settings" in seen  # the import graph was followed out of the subpackage
 
 
 @pytest.mark.parametrize("mode", ["local", "both"])

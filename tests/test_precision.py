@@ -1,4 +1,4 @@
-"""tuner/precision.py: the one precision policy, decided for simulated machines (no GPU, a T4, an
+"""tuner/training/precision.py: the one precision policy, decided for simulated machines (no GPU, a T4, an
 A100, an H100), never by asking this one; and the places that used to decide it on their own now
 ask it (the trainers' arguments, the evaluation's and the engine's loading, vLLM's --dtype)."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from tuner.precision import Device, compute_dtype, decide, vllm_dtype
-from tuner.runs import lora_targets, training_arguments
+from tuner.training.precision import Device, compute_dtype, decide, vllm_dtype
+from tuner.training.runs import lora_targets, training_arguments
 
 CPU = Device(cuda=False)
 T4 = Device(cuda=True, capability=(7, 5))
@@ -131,7 +131,7 @@ def names_in(path: Path) -> set[str]:
 
 
 def test_nobody_else_decides_the_precision() -> None:
-    """The dtype and 4-bit decisions live in tuner/precision.py alone: no other module of the
+    """The dtype and 4-bit decisions live in tuner/training/precision.py alone: no other module of the
     workspace asks torch about bfloat16 or builds a BitsAndBytesConfig."""
     for path in [*(REPO / "template").rglob("*.py")]:
         if path.name == "precision.py" or "tests" in path.parts:

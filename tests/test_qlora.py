@@ -69,9 +69,9 @@ def test_engine_answers_what_the_evaluation_scored(
     """train_sft.py with QLoRA, then the torch engine reloads the base as the adapter was trained
     (its run.json: 4-bit type, double quantisation, compute dtype) and gives, greedy, the answers
     the held-out evaluation gave for the same rows."""
-    from tuner.chat import conversation
+    from tuner.serving.engine import conversation
     from tuner.settings import load_settings
-    from tuner.torch_engine import Engine
+    from tuner.serving.hf import Engine
 
     ws = qlora_workspace(render_factory, tuned_workspace, tmp_path / "ws")
     overrides = [f"train.quant_type={quant_type}", f"train.double_quant={str(double_quant).lower()}"]
@@ -197,7 +197,7 @@ def test_training_keeps_the_4bit_backward_after_an_evaluation(tuned_workspace: P
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    from tuner.precision import Device, decide, trainable_4bit
+    from tuner.training.precision import Device, decide, trainable_4bit
 
     train = {"method": "qlora", "compute_dtype": "float32", "quant_type": "nf4", "double_quant": True}
     precision = decide(train, Device(cuda=False))

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tuner import remote as package
-from tuner.azure import AzureError
+from tuner.cloud import containerapps as package
+from tuner.cloud.az import AzureError
 from tuner.settings import SettingsError
 
 PY = sys.executable
@@ -383,7 +383,7 @@ def test_upload_leaves_out_models_caches_venvs_and_secrets(remote: Remote) -> No
 
 
 def test_upload_leaves_out_secret_files_at_any_depth_and_says_which(remote: Remote) -> None:
-    """Every kind on the documented list (tuner/remote.py SECRET_FILES, SECRET_DIRS), at the top
+    """Every kind on the documented list (tuner/cloud/containerapps.py SECRET_FILES, SECRET_DIRS), at the top
     and in subfolders, stays home; look-alikes and ordinary files still go; one line names them."""
     remote.configure("finetuning")
     secret_files = [
@@ -723,7 +723,7 @@ def test_settings_path_is_what_the_remote_run_reads(remote: Remote, tmp_path: Pa
     one_error_line(remote.run("--settings", str(other), "status"), str(other), "[azure]")
 
 
-# ---------------------------------------------------------------- tuner/remote.py, imported directly
+# ---------------------------------------------------------------- tuner/cloud/containerapps.py, imported directly
 
 
 def test_stage_sends_the_given_settings_and_leaves_the_workspace_alone(tmp_path: Path) -> None:

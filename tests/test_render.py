@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CATALOG, MODES, PLATFORMS, invalid_combinations, render, render_matrix
-from tuner.olive import olive_config
+from tuner.training.olive import olive_config
 from tuner.settings import load_settings
 
 BIN = Path(sys.executable).parent

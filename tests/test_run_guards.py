@@ -1,4 +1,4 @@
-"""What a run refuses or repairs before it trains (tuner/runs.py, tuner/data.py, tuner/hub.py): a
+"""What a run refuses or repairs before it trains (tuner/training/runs.py, tuner/data.py, tuner/hub.py): a
 finished run is not trained past its end, a rebuilt base model is a new run, a bad prompt template,
 target module, seed or max_seq_len is one line, an incomplete model folder is rebuilt or named, and
 a failed run leaves no Olive output folder behind (its checkpoints stay for the resume)."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import render, run_py
-from tuner import runs
+from tuner.training import runs
 from tuner.settings import load_settings
 
 pytestmark = pytest.mark.slow

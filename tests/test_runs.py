@@ -1,4 +1,4 @@
-"""tuner/runs.py: one fine-tuning run per workspace, checkpoints torn by a kill, and an adapter
+"""tuner/training/runs.py: one fine-tuning run per workspace, checkpoints torn by a kill, and an adapter
 published so that a half-written one never looks finished (through invoke_olive.py, and the
 functions themselves)."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PYTHON, bare_workspace, run_py, set_train
-from tuner import runs
+from tuner.training import runs
 
 pytestmark = pytest.mark.slow
 

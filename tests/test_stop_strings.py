@@ -1,4 +1,4 @@
-"""Stop strings in the chat engine (tuner/chat.py Row), in-process with a one-character-per-token
+"""Stop strings in the chat engine (tuner/serving/engine.py Row), in-process with a one-character-per-token
 tokenizer: what is shown while tokens arrive, where the answer is cut, and that the check costs
 time linear in the answer, whatever the length of the stop strings (a red team froze the engine
 for a minute with one request whose stop string was a few hundred kilobytes long).
@@ -11,7 +11,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from tuner.chat import Job, Row
+from tuner.serving.engine import Job, Row
 
 
 class CharTokenizer:

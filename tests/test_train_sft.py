@@ -109,8 +109,8 @@ def test_every_argument_exists_in_the_pinned_trl_and_peft() -> None:
 
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
-    from tuner.precision import Device, decide
-    from tuner.runs import TRAINER_KEYS, training_arguments
+    from tuner.training.precision import Device, decide
+    from tuner.training.runs import TRAINER_KEYS, training_arguments
 
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     train = {

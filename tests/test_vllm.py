@@ -1,4 +1,4 @@
-"""[serve] backend = "vllm", on CPU: vLLM's command line (tuner/vllm.py), and inference/gradio_chat.py
+"""[serve] backend = "vllm", on CPU: vLLM's command line (tuner/serving/vllm.py), and inference/gradio_chat.py
 in front of a fake vLLM (tests/fake_vllm.py, started as the child process it would start): the
 training prompt format, the model name and options it forwards, the streamed answer with usage and
 finish reason, our API key in front, cancellation upstream, and no process left after SIGTERM.
@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import PYTHON, REPO, Server, free_port, run_py, start_server
-from tuner import vllm
-from tuner.chat import EngineError
-from tuner.precision import Device
+from tuner.serving import vllm
+from tuner.serving.engine import EngineError
+from tuner.training.precision import Device
 from tuner.settings import load_settings
 
 KEY = "front-door-key"

@@ -1,4 +1,4 @@
-"""vLLM's command line and chat request (tuner/vllm.py, tuner/openai_engine.py) against vLLM's own
+"""vLLM's command line and chat request (tuner/serving/vllm.py, tuner/serving/upstream.py) against vLLM's own
 code, the version in includes/versions.yml, on CPU.
 
 The wheel is downloaded once into ~/.cache/copier-finetune/vllm-<version>/ (reused when there) and
@@ -33,10 +33,10 @@ import yaml
 from conftest import REPO
 from packaging.requirements import Requirement
 from test_vllm import GPU, fake_vllm_python, workspace
-from tuner import vllm
-from tuner.chat import Job
-from tuner.openai_engine import OpenAIEngine
-from tuner.precision import Device
+from tuner.serving import vllm
+from tuner.serving.engine import Job
+from tuner.serving.upstream import OpenAIEngine
+from tuner.training.precision import Device
 from tuner.settings import load_settings
 
 VERSION = yaml.safe_load((REPO / "includes" / "versions.yml").read_text("utf-8"))["vllm"]

@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from tuner.chat import EngineError
 from tuner.data import DatasetError
-from tuner.evaluation import evaluate
+from tuner.serving.engine import EngineError
 from tuner.settings import adapter_dir, settings_for_script, trained_with
+from tuner.training.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

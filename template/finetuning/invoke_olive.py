@@ -6,7 +6,7 @@
     python finetuning/invoke_olive.py --no-eval  # skip the held-out evaluation at the end
 
 Everything comes from settings.toml (--settings picks another file). The Olive config is built
-from [train] for each run (tuner.olive) and written beside the adapter with the settings that
+from [train] for each run (tuner.training.olive) and written beside the adapter with the settings that
 ran. A run that is interrupted resumes from its last checkpoint when started again; a run
 whose settings, data or code changed starts afresh (its checkpoints and Olive cache are keyed
 by a fingerprint of all of those). With [train] report_to = "tensorboard", watch the loss with
@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import tuner.data
-import tuner.olive
+import tuner.training.olive
 from tuner.data import DatasetError
-from tuner.evaluation import evaluate
-from tuner.olive import olive_config, write_run_settings
-from tuner.precision import trainable_4bit
-from tuner.runs import (
+from tuner.settings import SettingsError, add_settings_arguments, settings_for_script
+from tuner.training.evaluation import evaluate
+from tuner.training.olive import olive_config, write_run_settings
+from tuner.training.precision import trainable_4bit
+from tuner.training.runs import (
     Run,
     RunError,
     already_trained,
@@ -39,7 +40,6 @@ from tuner.runs import (
     start_over_reason,
     start_run,
 )
-from tuner.settings import SettingsError, add_settings_arguments, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def main() -> None:
     # 1. Check everything cheap before loading anything heavy or writing anything; then take the
     # workspace's lock (one run at a time). The run's checkpoints, cache and logs are keyed by its
     # fingerprint.
-    code = [Path(tuner.data.__file__), Path(tuner.olive.__file__), ROOT / "finetuning" / "user_script.py"]
+    code = [Path(tuner.data.__file__), Path(tuner.training.olive.__file__), ROOT / "finetuning" / "user_script.py"]
     try:
         run = start_run(settings, ROOT, code)
     except (SettingsError, RunError) as err:

@@ -27,9 +27,10 @@ from typing import Any, NoReturn
 
 import tuner.data
 from tuner.data import DatasetError, tokenize
-from tuner.evaluation import evaluate
-from tuner.precision import trainable_4bit
-from tuner.runs import (
+from tuner.settings import SettingsError, add_settings_arguments, in_workspace, settings_for_script
+from tuner.training.evaluation import evaluate
+from tuner.training.precision import trainable_4bit
+from tuner.training.runs import (
     RunError,
     already_trained,
     last_complete_checkpoint,
@@ -39,7 +40,6 @@ from tuner.runs import (
     start_run,
     training_arguments,
 )
-from tuner.settings import SettingsError, add_settings_arguments, in_workspace, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def main() -> None:
     except DatasetError as err:
         fail(str(err), code=2)
 
-    # The precision policy (tuner.precision): the weights' dtype, the 4-bit config of a QLoRA base
+    # The precision policy (tuner.training.precision): the weights' dtype, the 4-bit config of a QLoRA base
     # (under FSDP stored in the weights' dtype, so that FSDP can shard it with the rest), and no
     # device_map when a launcher runs several processes (each loads the model whole onto its GPU).
     precision = run.precision

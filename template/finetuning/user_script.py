@@ -3,7 +3,7 @@
 Olive's built-in text pre-processing joins text columns without a chat template and puts the
 loss on every token. These two components keep Olive in charge of training while the data goes
 through the model's own chat template with the loss on the assistant turns only (tuner.data).
-invoke_olive.py writes the run's settings to a file (tuner.olive) for them to read.
+invoke_olive.py writes the run's settings to a file (tuner.training.olive) for them to read.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuner.backends import load_engine
-from tuner.chat import ChatEngine, EngineError, conversation, is_text
+from tuner.serving import load_engine
+from tuner.serving.engine import ChatEngine, EngineError, conversation, is_text
 from tuner.settings import settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]

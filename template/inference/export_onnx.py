@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuner.chat import EngineError
-from tuner.onnx_engine import ADAPTER_FILE, PRECISIONS, check_precision, export_dir
-from tuner.onnx_export import ADAPTER_NAME, ExportError, build, extract_adapter, merge
+from tuner.serving.engine import EngineError
+from tuner.serving.onnx_build import ADAPTER_NAME, ExportError, build, extract_adapter, merge
+from tuner.serving.ort import ADAPTER_FILE, PRECISIONS, check_precision, export_dir
 from tuner.settings import PROVIDERS, adapter_dir, in_workspace, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,12 +4,12 @@
     python inference/gradio_chat.py --host 0.0.0.0  # listen on all interfaces (containers)
 
 The page (Gradio ChatInterface, multi-turn, streaming) is at /, the API at
-POST /v1/chat/completions and GET /v1/models (tuner/api.py). When the environment variable named
+POST /v1/chat/completions and GET /v1/models (tuner/serving/api.py). When the environment variable named
 in settings.toml ([serve] api_key_env) is set, API calls need `Authorization: Bearer <key>`
 and the page asks for a login (any user name, the key as password).
 
 With [serve] backend = "vllm" (CUDA), this server first starts vLLM's from its own environment, on
-127.0.0.1 (tuner/vllm.py), and forwards every answer to it; it stops vLLM when it stops itself.
+127.0.0.1 (tuner/serving/vllm.py), and forwards every answer to it; it stops vLLM when it stops itself.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuner import vllm
-from tuner.api import create_app, evaluation_summary
-from tuner.backends import load_engine
-from tuner.chat import ChatEngine, EngineError
+from tuner.serving import load_engine, vllm
+from tuner.serving.api import create_app, evaluation_summary
+from tuner.serving.engine import ChatEngine, EngineError
 from tuner.settings import SettingsError, adapter_dir, add_settings_arguments, check_serve_host, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tuner.olive import olive_config
 from tuner.settings import SettingsError, check_train, in_workspace, load_settings, with_overrides
+from tuner.training.olive import olive_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

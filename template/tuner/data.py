@@ -16,14 +16,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tuner.settings import SettingsError, in_workspace
+from tuner.settings import SettingsError, WorkspaceError, in_workspace
 
 IGNORE_INDEX = -100  # label value the loss skips
 ROLES = {"system", "user", "assistant"}
 
 
-class DatasetError(Exception):
+class DatasetError(WorkspaceError):
     """A problem with the dataset, explained in one line."""
+
+    exit_code = 2  # a bad dataset: the one failure a caller may want to tell apart
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:

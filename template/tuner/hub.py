@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.settings import WorkspaceError
+
 OFFLINE_RECORD = "offline-copy.json"  # written last: the folder is complete when it exists
 
 
-class HubError(Exception):
+class HubError(WorkspaceError):
     """A download that cannot be done, said in one line."""
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 MARKERS = ("<<<<<<<", "=======", ">>>>>>>")  # what a `copier update` conflict leaves behind
 
@@ -30,8 +31,30 @@ RUN_RECORD = "run.json"  # beside the adapter: the settings it was trained with
 PROVIDERS = {"cuda": "cuda", "windows-gpu": "dml", "cpu": "cpu"}
 
 
-class SettingsError(Exception):
+class WorkspaceError(Exception):
+    """Something to tell the user in one line before a script stops. Every error of the workspace
+    (a setting, the dataset, the model folder, a run, an export, an Azure call) is one of these,
+    and run_script() is the one place that prints it and picks the exit code."""
+
+    exit_code = 1
+
+
+class SettingsError(WorkspaceError):
     """A missing, broken or invalid settings file, said in one line (file and line)."""
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """Run a script's main(): a WorkspaceError is one line on stderr and its exit code (1, or 2 for
+    a bad dataset), Ctrl-C is exit code 130; never a traceback for either."""
+    try:
+        code = main()
+    except WorkspaceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
 
 
 def load_settings(path: Path) -> dict[str, Any]:

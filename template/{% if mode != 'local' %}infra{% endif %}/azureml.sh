@@ -4,7 +4,7 @@
 # processes on each of instance_count nodes and sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and
 # LOCAL_RANK, which accelerate (inside TRL's trainer) reads. So the script runs under plain python:
 # torchrun or `accelerate launch` here would start G x G processes per node.
-# The packages are in the job's image (tuner/azureml.py builds it from setup/requirements-*cuda.txt).
+# The packages are in the job's image (tuner/cloud/azureml.py builds it from setup/requirements-*cuda.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HOME=${HF_HOME:-$PWD/.cache/huggingface} PYTHONUNBUFFERED=1

@@ -13,8 +13,8 @@ several nodes.
                                                  # an Azure ML job on 2 nodes of 8 GPUs each
 
 Needs the Azure CLI, logged in (`az login`). Reads settings.toml ([azure]: subscription, group,
-region, Azure ML names) and infra/provision/*.parameters.json. The work is in tuner/remote.py
-(Container Apps) and tuner/azureml.py; this script reads the command line and calls them.
+region, Azure ML names) and infra/provision/*.parameters.json. The work is in tuner/cloud/containerapps.py
+(Container Apps) and tuner/cloud/azureml.py; this script reads the command line and calls them.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tuner import azureml, remote
-from tuner.azure import AzureError
+from tuner.cloud import azureml
+from tuner.cloud import containerapps as remote
+from tuner.cloud.az import AzureError
 from tuner.settings import SettingsError
 
 COMMANDS = {

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from tuner.chat import DONE, ChatEngine, EngineError, Job, PromptTooLong, conversation, formatted, is_text
+from tuner.serving.engine import DONE, ChatEngine, EngineError, Job, PromptTooLong, conversation, formatted, is_text
 
 ROLES = {"system", "user", "assistant"}
 # OpenAI's newer name for the system role.

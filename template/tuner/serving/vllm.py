@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.chat import EngineError
-from tuner.openai_engine import OpenAIEngine
-from tuner.precision import Device, vllm_dtype
+from tuner.serving.engine import EngineError
+from tuner.serving.upstream import OpenAIEngine
 from tuner.settings import adapter_dir, in_workspace, trained_with
+from tuner.training.precision import Device, vllm_dtype
 
 # The values vLLM accepts for --max-lora-rank (its default, 16, is below our usual r of 64);
 # tests/test_vllm_contract.py checks them against vLLM's own parser.

@@ -19,8 +19,8 @@ from typing import Any
 
 from tuner.data import check_lengths, check_prompt, check_rows, load_rows, split_rows
 from tuner.hub import model_folder_problem
-from tuner.precision import Device, Precision, decide
-from tuner.settings import CHECKPOINTS, MODELS, RUN_RECORD, RUNS, adapter_dir, check_train, in_workspace
+from tuner.settings import CHECKPOINTS, MODELS, RUN_RECORD, RUNS, WorkspaceError, adapter_dir, check_train, in_workspace
+from tuner.training.precision import Device, Precision, decide
 
 # [train] keys that go to transformers' TrainingArguments as they are, in both trainers.
 TRAINER_KEYS = (
@@ -40,7 +40,7 @@ TRAINER_KEYS = (
 )
 
 
-class RunError(Exception):
+class RunError(WorkspaceError):
     """A run that cannot start, said in one line."""
 
 

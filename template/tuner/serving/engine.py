@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from tuner.data import system_messages, user_message
+from tuner.settings import WorkspaceError
 
 # End-of-turn tokens of the catalog's chat templates (Phi-3, Llama 3, Qwen 2.5, Mistral).
 END_TOKENS = ["<|end|>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>", "</s>"]
 
 
-class EngineError(Exception):
+class EngineError(WorkspaceError):
     """Something to do first (download, fine-tune), said in one line."""
 
 

@@ -1,7 +1,7 @@
 """Fine-tuning on several GPUs of several machines: an Azure ML command job that runs
 finetuning/train_sft.py on N nodes of G GPUs (`python infra/remote.py finetune --target azureml`).
 
-Container Apps (tuner/remote.py) runs one replica on one GPU profile; Azure ML schedules N
+Container Apps (tuner/cloud/containerapps.py) runs one replica on one GPU profile; Azure ML schedules N
 nodes of a compute cluster together and wires them up for torch.distributed.
 """
 
@@ -12,8 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from tuner.azure import AzureError
-from tuner.remote import SECRET_DIRS, SECRET_FILES, SKIP_DIRS, SKIP_TOP, Context, info, parameters, stage
+from tuner.cloud.az import AzureError
+from tuner.cloud.containerapps import SECRET_DIRS, SECRET_FILES, SKIP_DIRS, SKIP_TOP, Context, info, parameters, stage
 from tuner.settings import ADAPTER
 
 REQUIREMENTS = ("requirements-torch-cuda.txt", "requirements-cuda.txt")
@@ -51,11 +51,12 @@ def dockerfile(image: str) -> str:
 
 def amlignore() -> str:
     # Azure ML uploads the whole code folder (and reads .gitignore when there is no .amlignore).
-    # The folder is staged with tuner.remote.stage, which already leaves these out; this file says
+    # The folder is staged with tuner.cloud.containerapps.stage, which already leaves these out; this file says
     # so to Azure ML as well, in case anything is added to the folder by hand.
     patterns = [*SECRET_FILES, *(f"{d}/" for d in sorted(SECRET_DIRS | SKIP_DIRS)), *(f"/{d}/" for d in SKIP_TOP)]
-    return "# Never uploaded (tuner/remote.py: SECRET_FILES, SECRET_DIRS, SKIP_DIRS, SKIP_TOP).\n" + "\n".join(
-        [*patterns, "*.pyc", ""]
+    return (
+        "# Never uploaded (tuner/cloud/containerapps.py: SECRET_FILES, SECRET_DIRS, SKIP_DIRS, SKIP_TOP).\n"
+        + "\n".join([*patterns, "*.pyc", ""])
     )
 
 

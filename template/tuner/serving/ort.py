@@ -1,4 +1,4 @@
-"""The chat engine on ONNX Runtime GenAI: the same interface as tuner.torch_engine.Engine.
+"""The chat engine on ONNX Runtime GenAI: the same interface as tuner.serving.hf.Engine.
 
 It loads the model exported by inference/export_onnx.py (models/onnx/<precision>/) and the
 fine-tuned adapter file through og.Adapters, formats the conversation with the model's own
@@ -6,7 +6,7 @@ chat template (the one it was fine-tuned with), and streams the answer token by 
 end-of-turn token, a stop string or the limit. With baseonly=True and no export, it falls back
 to the published int4 model fetched by setup/download_onnx.py.
 
-    from tuner.onnx_engine import OnnxEngine
+    from tuner.serving.ort import OnnxEngine
     engine = OnnxEngine(settings, root)   # [onnx] precision + adapter
     print(engine.reply(conversation([], "The puppy fell asleep on my lap again.", settings)))
 """
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tuner.chat import END_TOKENS, ChatEngine, EngineError
+from tuner.serving.engine import END_TOKENS, ChatEngine, EngineError
 from tuner.settings import in_workspace
 
 ADAPTER_FILE = "adapter.onnx_adapter"

@@ -1,7 +1,7 @@
-"""The chat engine as a client of an OpenAI-compatible server: vLLM, which tuner/vllm.py starts.
+"""The chat engine as a client of an OpenAI-compatible server: vLLM, which tuner/serving/vllm.py starts.
 
 Messages arrive in the training prompt format, as for every engine (the front-ends call
-tuner.chat.formatted/conversation: our system message, user turns in [prompt] text_template); vLLM
+tuner.serving.engine.formatted/conversation: our system message, user turns in [prompt] text_template); vLLM
 adds only the model's chat template. Each job streams from POST /v1/chat/completions in a thread of
 its own, without the base class's queue: the server batches concurrent requests itself
 (continuous batching). A cancelled job closes its upstream stream at the next piece, and vLLM
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tuner.chat import DONE, ChatEngine, EngineError, Job, PromptTooLong, sampling
+from tuner.serving.engine import DONE, ChatEngine, EngineError, Job, PromptTooLong, sampling
 
 
 class OpenAIEngine(ChatEngine):

@@ -13,9 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tuner.chat import END_TOKENS, ChatEngine, EngineError, Row
-from tuner.precision import Device, decide
+from tuner.serving.engine import END_TOKENS, ChatEngine, EngineError, Row
 from tuner.settings import adapter_dir, in_workspace, trained_with
+from tuner.training.precision import Device, decide
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes (Olive and TRL)
 

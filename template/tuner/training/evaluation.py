@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tuner.data import encode, load_rows, split_rows, to_messages
-from tuner.precision import Device, decide
 from tuner.settings import in_workspace
+from tuner.training.precision import Device, decide
 
 BATCH_SIZE = 16  # prompts generated together (left-padded): seconds, not minutes, on a CPU
 
@@ -88,7 +88,7 @@ def evaluate(adapter: Path, settings: dict[str, Any], root: Path) -> dict[str, A
     """Base vs fine-tuned on the rows [train] eval_split and data_seed held out of training;
     prints the table and writes adapter/eval.json. The dataset error of tuner.data, if any, is
     raised, and EngineError for an adapter that is damaged or does not fit the base model."""
-    from tuner.torch_engine import load_adapter  # the chat engine's checks, one message
+    from tuner.serving.hf import load_adapter  # the chat engine's checks, one message
 
     eval_split, data_seed = settings["train"]["eval_split"], settings["train"]["data_seed"]
     _, held_out = split_rows(load_rows(settings, root), eval_split, data_seed)

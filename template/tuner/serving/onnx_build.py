@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tuner.onnx_engine import ADAPTER_FILE
+from tuner.serving.ort import ADAPTER_FILE
+from tuner.settings import WorkspaceError
 
 
-class ExportError(Exception):
+class ExportError(WorkspaceError):
     """An export that cannot work, said in one line."""
 
 

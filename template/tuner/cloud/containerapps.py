@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.azure import Az, AzureError, first_error
+from tuner.cloud.az import Az, AzureError, first_error
 from tuner.settings import ADAPTER, load_settings
 
 # The same names as in provision/*.bicep (hfTokenSecretName, apiKeySecretName, container names).

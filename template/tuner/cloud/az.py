@@ -1,7 +1,7 @@
 """The Azure CLI (az) from Python: found on PATH, run with JSON output, every failure one line.
 
 Standard library only, and nothing runs on import: an Az is made for one subscription and
-passed to whatever calls Azure (tuner/remote.py, tuner/azureml.py).
+passed to whatever calls Azure (tuner/cloud/containerapps.py, tuner/cloud/azureml.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from tuner.settings import WorkspaceError
 
-class AzureError(Exception):
+
+class AzureError(WorkspaceError):
     """A problem the user can fix, said in one line: infra/remote.py prints it and exits 1."""
 
 

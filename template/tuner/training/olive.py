@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tuner.precision import Device, Precision, decide
-from tuner.runs import training_arguments
 from tuner.settings import CHECKPOINTS, OLIVE_CACHE, in_workspace
+from tuner.training.precision import Device, Precision, decide
+from tuner.training.runs import training_arguments
 
 
 def run_settings_file(root: Path, run: str) -> Path:

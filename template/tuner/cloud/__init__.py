@@ -1,0 +1,1 @@
+"""Azure: the az wrapper, Container Apps and Azure ML. The standard library only (tests/test_package.py)."""
