@@ -371,4 +371,5 @@ def test_max_request_bytes_not_positive_is_refused_at_start(tuned_workspace: Pat
         timeout=120,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "max_request_bytes must be a positive number" in result.stderr.strip().splitlines()[-1]
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"serve.max_request_bytes = {value} is not valid: it must be a positive number of bytes" in line, line

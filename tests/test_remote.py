@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tuner.cloud import containerapps as package
 from tuner.cloud.az import AzureError
-from tuner.settings import SettingsError
+from tuner.settings import SettingsError, check_settings, load_settings, with_overrides
 
 PY = sys.executable
 TOKEN = "hf_FAKEtokenFORtests0123456789abcdef"
@@ -746,12 +747,14 @@ def test_stage_sends_the_given_settings_and_leaves_the_workspace_alone(tmp_path:
     assert (root / "settings.toml").read_text("utf-8") == "settings.toml"
 
 
-def test_load_context_checks_the_azure_section(tmp_path: Path) -> None:
+def test_load_context_checks_the_azure_section(remote: Remote, tmp_path: Path) -> None:
+    text = (remote.ws / "settings.toml").read_text("utf-8")
     path = tmp_path / "s.toml"
-    path.write_text('[azure]\nresource_group = "rg"\nlocation = "westus3"\nsubscription = "sub-1"\n', "utf-8")
+    path.write_text(text.replace('subscription = ""', 'subscription = "sub-1"'), "utf-8")
     ctx = package.load_context(tmp_path, path)
     assert ctx.az.subscription == "sub-1" and ctx.infra == tmp_path / "infra"
-    path.write_text('[azure]\nresource_group = "rg"\n', "utf-8")
+    assert package.load_context(tmp_path, path, ("azure.subscription=sub-2",)).az.subscription == "sub-2"
+    path.write_text(text.split("\n[azure]")[0], "utf-8")  # a local workspace's settings
     with pytest.raises(AzureError, match=r"s\.toml needs \[azure\] resource_group and location$"):
         package.load_context(tmp_path, path)
     # A workspace from before [azure] moved here is told where it went.
@@ -759,6 +762,26 @@ def test_load_context_checks_the_azure_section(tmp_path: Path) -> None:
     (tmp_path / "infra" / "azure.toml").write_text('[azure]\nresource_group = "rg"\n', "utf-8")
     with pytest.raises(AzureError, match=r"infra/azure\.toml is no longer read: move its \[azure\] there"):
         package.load_context(tmp_path, path)
+    path.write_text(text.replace('location = "', 'place = "'), "utf-8")
+    with pytest.raises(
+        SettingsError, match=r"s\.toml:\d+: azure\.place is not a setting; \[azure\] has: subscription,"
+    ):
+        package.load_context(tmp_path, path)
     path.write_text("[azure\n", "utf-8")
     with pytest.raises(SettingsError, match="invalid TOML"):
         package.load_context(tmp_path, path)
+
+
+def test_set_reaches_the_remote_run(remote: Remote) -> None:
+    """`remote.py --set ...` changes what the run reads: the settings.toml sent has the overrides,
+    before or after the command; the workspace's own file is untouched."""
+    remote.configure("finetuning")
+    text = (remote.ws / "settings.toml").read_text("utf-8")
+    proc = remote.run("--set", "train.lora_r=8", "upload", "--set", "train.seed=7")
+    assert proc.returncode == 0, proc.stderr
+    (staged,) = [c["settings"] for c in remote.calls() if c["argv"][:3] == ["storage", "file", "upload-batch"]]
+    sent = check_settings(tomllib.loads(staged))
+    assert sent["train"]["lora_r"] == 8 and sent["train"]["seed"] == 7
+    assert sent == with_overrides(load_settings(remote.ws / "settings.toml"), ["train.lora_r=8", "train.seed=7"])
+    assert (remote.ws / "settings.toml").read_text("utf-8") == text
+    one_error_line(remote.run("upload", "--set", "train.lora_r=0"), "train.lora_r = 0 is not valid")

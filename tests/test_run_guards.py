@@ -78,8 +78,8 @@ def test_a_template_that_names_no_input_column_is_one_line(ws: Path) -> None:
     ("override", "message"),
     [
         ('train.target_modules=["q_porj"]', "'q_porj' names no linear layer of the model; it has: o_proj, qkv_proj"),
-        ("train.seed=4294967296", "[train] seed = 4294967296 is not valid"),
-        ("train.data_seed=4294967296", "[train] data_seed = 4294967296 is not valid"),
+        ("train.seed=4294967296", "train.seed = 4294967296 is not valid"),
+        ("train.data_seed=4294967296", "train.data_seed = 4294967296 is not valid"),
     ],
     ids=["target_modules", "seed", "data_seed"],
 )

@@ -90,7 +90,7 @@ def test_two_processes_train_what_one_does_with_twice_the_batch(workspace: Path)
 def test_bad_override_is_one_line(workspace: Path) -> None:
     run = run_py(workspace, "finetuning/train_sft.py", "--set", "train.lora_r=0")
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr == "error: [train] lora_r = 0 is not valid: it must be a whole number from 1 to 1024\n"
+    assert run.stderr == "error: --set: train.lora_r = 0 is not valid: it must be a whole number from 1 to 1024\n"
 
 
 def test_bad_dataset_is_one_line(workspace: Path) -> None:

@@ -161,7 +161,7 @@ def test_unknown_serve_backend_is_one_line(render_factory, tmp_path: Path) -> No
     ws = workspace(render_factory, tmp_path)
     result = run_py(ws, "inference/gradio_chat.py", "--set", "serve.backend=tgi", timeout=120)
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert '"tgi" is not one of' in result.stderr
+    assert 'serve.backend = "tgi" is not valid: it must be one of "engine", "vllm"' in result.stderr
 
 
 def test_vllm_that_dies_while_starting_is_one_line(render_factory, tmp_path: Path) -> None:

@@ -10,36 +10,31 @@ it). Named evaluate_adapter.py, not evaluate.py, so that it never shadows Huggin
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-from tuner.data import DatasetError
-from tuner.serving.engine import EngineError
-from tuner.settings import adapter_dir, settings_for_script, trained_with
+from tuner.settings import WorkspaceError, adapter_dir, run_script, script_parser, settings_for_script, trained_with
 from tuner.training.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+    parser = script_parser(__doc__, ROOT, "dataset.path=dataset/other.jsonl")
     parser.add_argument("--adapter", type=Path, help="default: models/adapter")
     args = parser.parse_args()
-    settings = settings_for_script(args.settings)
+    settings = settings_for_script(args.settings, args.overrides)
     adapter = args.adapter or adapter_dir(ROOT)
     if not (adapter / "adapter_config.json").is_file():
-        sys.exit(f"error: no adapter in {adapter}: run `python finetuning/invoke_olive.py` first")
+        raise WorkspaceError(f"no adapter in {adapter}: run `python finetuning/invoke_olive.py` first")
     # Score the held-out rows of the run that made the adapter (its split, its --set overrides).
     trained = trained_with(adapter)
     if trained is not None:
         settings = settings | {"train": trained["train"]}
     try:
         evaluate(adapter, settings, ROOT)
-    except (OSError, ValueError, DatasetError, EngineError) as err:
-        sys.exit(f"error: {err}")
+    except (OSError, ValueError) as err:  # an unreadable or damaged adapter
+        raise WorkspaceError(str(err)) from None
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,19 +15,16 @@ by a fingerprint of all of those). With [train] report_to = "tensorboard", watch
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import tuner.data
 import tuner.training.olive
-from tuner.data import DatasetError
-from tuner.settings import SettingsError, add_settings_arguments, settings_for_script
+from tuner.settings import Interrupted, run_script, script_parser, settings_for_script
 from tuner.training.evaluation import evaluate
 from tuner.training.olive import olive_config, write_run_settings
 from tuner.training.precision import trainable_4bit
@@ -44,14 +41,8 @@ from tuner.training.runs import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_settings_arguments(parser, ROOT, "train.num_train_epochs=2")
+    parser = script_parser(__doc__, ROOT, "train.num_train_epochs=2")
     parser.add_argument("--cpu-lora", action="store_true", help="train as LoRA in float32 (the fast choice on a CPU)")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints and start over")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation, base vs fine-tuned")
@@ -62,14 +53,9 @@ def main() -> None:
 
     # 1. Check everything cheap before loading anything heavy or writing anything; then take the
     # workspace's lock (one run at a time). The run's checkpoints, cache and logs are keyed by its
-    # fingerprint.
+    # fingerprint. A bad dataset is exit code 2, anything else 1 (run_script).
     code = [Path(tuner.data.__file__), Path(tuner.training.olive.__file__), ROOT / "finetuning" / "user_script.py"]
-    try:
-        run = start_run(settings, ROOT, code)
-    except (SettingsError, RunError) as err:
-        fail(str(err))
-    except DatasetError as err:
-        fail(str(err), code=2)
+    run = start_run(settings, ROOT, code)
     if not args.fresh and already_trained(run):
         print(f"already trained (run {run.fp}): {run.adapter.relative_to(ROOT)} is its result; --fresh to train again")
         return
@@ -108,7 +94,7 @@ def main() -> None:
             olive_run(copy.deepcopy(config))  # Olive rewrites the dict it is given
         summary = publish_olive_output(run, config, staging)
     except KeyboardInterrupt:
-        fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
+        raise Interrupted("interrupted: run the same command again to resume from the last checkpoint") from None
     finally:
         # Olive's output folder and the unpublished copy, whatever happened: a failed run leaves
         # only its checkpoints (models/checkpoints), which the next run resumes from.
@@ -126,7 +112,7 @@ def publish_olive_output(run: Run, config: dict[str, Any], staging: Path) -> str
     looks finished. Returns the loss summary."""
     found = sorted(staging.rglob("adapter_config.json"))
     if not found:
-        fail(f"Olive finished but wrote no adapter under {staging}; see the log above")
+        raise RunError(f"Olive finished but wrote no adapter under {staging}; see the log above")
     shutil.rmtree(run.staging, ignore_errors=True)  # left by a run killed while copying
     shutil.copytree(found[-1].parent, run.staging)
     (run.staging / "olive-config.json").write_text(json.dumps(config, indent=1), "utf-8")
@@ -136,4 +122,4 @@ def publish_olive_output(run: Run, config: dict[str, Any], staging: Path) -> str
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

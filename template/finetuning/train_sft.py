@@ -18,16 +18,14 @@ checkpoint when started again with the same settings, data and code (--fresh sta
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import tuner.data
-from tuner.data import DatasetError, tokenize
-from tuner.settings import SettingsError, add_settings_arguments, in_workspace, settings_for_script
+from tuner.data import tokenize
+from tuner.settings import Interrupted, in_workspace, run_script, script_parser, settings_for_script
 from tuner.training.evaluation import evaluate
 from tuner.training.precision import trainable_4bit
 from tuner.training.runs import (
@@ -44,15 +42,8 @@ from tuner.training.runs import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # every process fails alike: say it once per machine
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_settings_arguments(parser, ROOT, "train.num_train_epochs=2")
+    parser = script_parser(__doc__, ROOT, "train.num_train_epochs=2")
     parser.add_argument("--fsdp", action="store_true", help="shard the model over the GPUs (FSDP) instead of DDP")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints and start over")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation, base vs fine-tuned")
@@ -66,18 +57,16 @@ def main() -> None:
     # same FSDP options either way (set below).
     fsdp = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
     if fsdp and world_size == 1:  # transformers fails deep in setup without a process group
-        fail("FSDP shards the model over several processes: launch with torchrun --nproc_per_node N ... --fsdp")
+        raise RunError(
+            "FSDP shards the model over several processes: launch with torchrun --nproc_per_node N ... --fsdp"
+        )
 
     # 1. Check everything cheap, in every process, before loading anything heavy or writing
     # anything; the first process takes the workspace's lock. Only it publishes: on a filesystem
     # shared by all machines that is one lock, and where each machine has its own copy (Azure ML)
-    # the others only train. A lock held elsewhere ends rank 0, and the launcher the rest.
-    try:
-        run = start_run(settings, ROOT, [Path(tuner.data.__file__), Path(__file__)], rank, world_size, fsdp)
-    except (SettingsError, RunError) as err:
-        fail(str(err))
-    except DatasetError as err:
-        fail(str(err), code=2)
+    # the others only train. A lock held elsewhere ends rank 0, and the launcher the rest. Every
+    # process fails alike; run_script says it once per machine (a bad dataset: exit code 2).
+    run = start_run(settings, ROOT, [Path(tuner.data.__file__), Path(__file__)], rank, world_size, fsdp)
     if not args.fresh and already_trained(run):  # every process sees it: all stop here
         if rank == 0:
             adapter = run.adapter.relative_to(ROOT)
@@ -102,11 +91,8 @@ def main() -> None:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    try:
-        train_set = Dataset.from_list(tokenize(tokenizer, run.train_rows, settings))
-        eval_set = Dataset.from_list(tokenize(tokenizer, run.eval_rows, settings)) if run.eval_rows else None
-    except DatasetError as err:
-        fail(str(err), code=2)
+    train_set = Dataset.from_list(tokenize(tokenizer, run.train_rows, settings))
+    eval_set = Dataset.from_list(tokenize(tokenizer, run.eval_rows, settings)) if run.eval_rows else None
 
     # The precision policy (tuner.training.precision): the weights' dtype, the 4-bit config of a QLoRA base
     # (under FSDP stored in the weights' dtype, so that FSDP can shard it with the rest), and no
@@ -200,7 +186,7 @@ def main() -> None:
     try:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     except KeyboardInterrupt:
-        fail("interrupted: run the same command again to resume from the last checkpoint", code=130)
+        raise Interrupted("interrupted: run the same command again to resume from the last checkpoint") from None
     # Every process takes part in gathering the weights (FSDP holds a shard of them in each).
     weights = trainer.accelerator.get_state_dict(trainer.model)
     # Then every process leaves the process group together, and only the first goes on. A process
@@ -225,4 +211,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -7,7 +7,6 @@ python inference/console_chat.py --baseonly           # the base model, without 
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from tuner.serving import load_engine
 from tuner.serving.engine import ChatEngine, EngineError, conversation, is_text
-from tuner.settings import settings_for_script
+from tuner.settings import WorkspaceError, check_value, run_script, script_parser, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Python keeps input bytes undecodable in the terminal's encoding as lone surrogates (is_text).
 NOT_TEXT = "that input is not valid text in the terminal's encoding"
 DROPPED = "(older turns dropped to fit the context)"
+OPTIONS = {"max_new_tokens": int, "temperature": float, "top_p": float, "top_k": int}
 
 
 def fitting(
@@ -44,13 +44,12 @@ def fitting(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+    parser = script_parser(__doc__, ROOT, "chat.temperature=0.7")
     parser.add_argument("--baseonly", action="store_true", help="chat with the base model, no adapter")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system message (default: the one the model was fine-tuned with)")
-    # Generation options default to the settings' [chat] table.
-    for option, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int)):
+    # Generation options: the settings' [chat] table, unless given here (and then checked as it is).
+    for option, kind in OPTIONS.items():
         parser.add_argument("--" + option.replace("_", "-"), type=kind, help=f"default: [chat] {option}")
     parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
     args = parser.parse_args()
@@ -59,26 +58,22 @@ def main() -> None:
         # it instead of a traceback; UTF-8 terminals show everything as before.
         sys.stdout.reconfigure(errors="replace")
     if args.prompt is not None and not is_text(args.prompt):
-        sys.exit(f"error: {NOT_TEXT}")
-    settings = settings_for_script(args.settings)
-    options = {
-        name: settings["chat"][name] if getattr(args, name) is None else getattr(args, name)
-        for name in ("max_new_tokens", "temperature", "top_p", "top_k")
-    }
+        raise WorkspaceError(NOT_TEXT)
+    settings = settings_for_script(args.settings, args.overrides)
+    options = {name: settings["chat"][name] for name in OPTIONS}
+    for name in OPTIONS:
+        if getattr(args, name) is not None:
+            option = "--" + name.replace("_", "-")
+            options[name] = check_value(settings, "chat", name, getattr(args, name), option)
 
-    try:
-        engine = load_engine(settings, ROOT, args.backend, args.baseonly)
-    except EngineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    engine = load_engine(settings, ROOT, args.backend, args.baseonly)
 
     if args.prompt is not None:
         try:
             for piece in engine.stream(conversation([], args.prompt, settings, args.system), **options):
                 print(piece, end="", flush=True)
-        except EngineError as err:
-            sys.exit(f"\nerror: {err}")
-        print()
+        finally:
+            print()  # end the answer's line, whole or not
         return
 
     print(f"Chatting with {engine.model_name}. Type #end (or Ctrl-D) to quit.")
@@ -120,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,31 +20,31 @@ Chat with it: python inference/console_chat.py --backend onnx
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-from tuner.serving.engine import EngineError
 from tuner.serving.onnx_build import ADAPTER_NAME, ExportError, build, extract_adapter, merge
-from tuner.serving.ort import ADAPTER_FILE, PRECISIONS, check_precision, export_dir
-from tuner.settings import PROVIDERS, adapter_dir, in_workspace, settings_for_script
+from tuner.serving.ort import ADAPTER_FILE, export_dir
+from tuner.settings import (
+    ONNX_PRECISIONS,
+    PROVIDERS,
+    Interrupted,
+    adapter_dir,
+    in_workspace,
+    run_script,
+    script_parser,
+    settings_for_script,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
-    parser.add_argument("--precision", choices=PRECISIONS, help="default: [onnx] precision, else int4")
+    parser = script_parser(__doc__, ROOT, "onnx.output_dir=models/onnx-try")
+    parser.add_argument("--precision", choices=ONNX_PRECISIONS, help="default: [onnx] precision")
     parser.add_argument(
         "--execution-provider",
         choices=sorted(set(PROVIDERS.values())),
@@ -53,21 +53,17 @@ def main() -> None:
     parser.add_argument("--skip-merged", action="store_true", help="do not build the merged model")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failed build")
     args = parser.parse_args()
-    settings = settings_for_script(args.settings)
-    onnx, model_id = settings.get("onnx", {}), settings["model"]["id"]
-    args.precision = args.precision or onnx.get("precision", "int4")
-    try:
-        check_precision(args.precision)
-    except EngineError as err:
-        fail(str(err))
+    settings = settings_for_script(args.settings, args.overrides)
+    model_id = settings["model"]["id"]
+    args.precision = args.precision or settings["onnx"]["precision"]
     args.execution_provider = args.execution_provider or PROVIDERS[settings["model"]["platform"]]
 
     base = in_workspace(ROOT, settings["model"]["path"])
     adapter = adapter_dir(ROOT)
     if not (base / "config.json").is_file():
-        fail(f"base model not found in {base}: run `python setup/download_model.py` first")
+        raise ExportError(f"base model not found in {base}: run `python setup/download_model.py` first")
     if not (adapter / "adapter_config.json").is_file():
-        fail(f"adapter not found in {adapter}: run `python finetuning/invoke_olive.py` first")
+        raise ExportError(f"adapter not found in {adapter}: run `python finetuning/invoke_olive.py` first")
     out = export_dir(settings, ROOT, args.precision)
     out_root = out.parent
     staging = out_root / f".staging-{args.precision}"
@@ -100,15 +96,15 @@ def main() -> None:
             )
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
-        fail("interrupted: nothing was written", code=130)
-    except ExportError as err:
+        raise Interrupted("interrupted: nothing was written") from None
+    except ExportError:
         shutil.rmtree(staging, ignore_errors=True)
-        fail(str(err))
+        raise
     except Exception as err:  # the builder raises many kinds; keep its traceback out of the way
         shutil.rmtree(staging, ignore_errors=True)
         if args.debug:
             raise
-        fail(f"the ONNX export failed: {type(err).__name__}: {err}")
+        raise ExportError(f"the ONNX export failed: {type(err).__name__}: {err}") from None
     info: dict[str, Any] = {
         "model": model_id,
         "precision": args.precision,
@@ -127,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

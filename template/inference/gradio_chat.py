@@ -23,49 +23,44 @@ from typing import Any
 
 from tuner.serving import load_engine, vllm
 from tuner.serving.api import create_app, evaluation_summary
-from tuner.serving.engine import ChatEngine, EngineError
-from tuner.settings import SettingsError, adapter_dir, add_settings_arguments, check_serve_host, settings_for_script
+from tuner.serving.engine import ChatEngine
+from tuner.settings import adapter_dir, check_value, run_script, script_parser, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def port_number(text: str) -> int:
+    """--port: as [serve] port, and 0 for a free one."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not between 0 and 65535")
+    return port
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_settings_arguments(parser, ROOT, "serve.backend=vllm")
+    parser = script_parser(__doc__, ROOT, "serve.backend=vllm")
     parser.add_argument("--baseonly", action="store_true", help="serve the base model, no adapter")
     parser.add_argument("--host", help="default: [serve] host; use 0.0.0.0 only inside a container")
-    parser.add_argument("--port", type=int, help="default: [serve] port; 0: a free port (printed)")
+    parser.add_argument("--port", type=port_number, help="default: [serve] port; 0: a free port (printed)")
     parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
     args = parser.parse_args()
     settings = settings_for_script(args.settings, args.overrides)
     serve = settings["serve"]
-    host = serve["host"] if args.host is None else args.host
+    host = serve["host"] if args.host is None else check_value(settings, "serve", "host", args.host, "--host")
     port = serve["port"] if args.port is None else args.port
-    try:
-        check_serve_host(host)
-    except SettingsError as err:
-        sys.exit(f"error: {err}")
-    if not 0 <= port <= 65535:
-        sys.exit(f"error: port {port} is not between 0 and 65535")
-    backend = serve.get("backend", "engine")
-    if backend not in ("engine", "vllm"):
-        sys.exit(f'error: [serve] backend = "{backend}" is not one of "engine", "vllm"')
 
     upstream = None
-    if backend == "vllm":
+    if serve["backend"] == "vllm":
         # SIGTERM (a container stopping) ends this process through `finally`, which stops vLLM.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         engine: ChatEngine
-        if backend == "vllm":
+        if serve["backend"] == "vllm":
             upstream = vllm.start(settings, ROOT, args.baseonly)
             engine = vllm.engine(settings, ROOT, upstream, args.baseonly)
         else:
             engine = load_engine(settings, ROOT, args.backend, args.baseonly)
         serve_app(engine, settings, host, port, args.baseonly)
-    except EngineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
     finally:
         if upstream is not None:
             vllm.stop(upstream)
@@ -92,4 +87,4 @@ def serve_app(engine: ChatEngine, settings: dict[str, Any], host: str, port: int
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

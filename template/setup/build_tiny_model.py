@@ -8,14 +8,12 @@ a minute on a laptop CPU. The weights are random: the model knows nothing until 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from tuner.data import DatasetError, load_rows
-from tuner.settings import in_workspace, settings_for_script
+from tuner.data import load_rows
+from tuner.settings import in_workspace, run_script, script_parser, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -25,10 +23,7 @@ CHAT_TEMPLATE_FILE = ROOT / "setup" / "chat_template.jinja"
 
 def corpus_texts(settings: dict[str, Any]) -> list[str]:
     """Every string of the dataset (all columns, all messages) and the system prompt."""
-    try:
-        rows = load_rows(settings, ROOT)
-    except DatasetError as err:
-        sys.exit(f"error: {err}")
+    rows = load_rows(settings, ROOT)
     texts = [settings["prompt"]["system"], settings["prompt"]["text_template"]]
     for row in rows:
         for value in row.values():
@@ -40,13 +35,12 @@ def corpus_texts(settings: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+    parser = script_parser(__doc__, ROOT, "dataset.path=dataset/other.jsonl")
     parser.add_argument("--out", type=Path, help="output folder (default: [model] path)")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    settings = settings_for_script(args.settings)
+    settings = settings_for_script(args.settings, args.overrides)
     out = args.out or in_workspace(ROOT, settings["model"]["path"])
 
     import torch
@@ -106,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

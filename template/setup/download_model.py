@@ -14,39 +14,35 @@ dequantised into a normal safetensors folder. Running it again does nothing.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
-from tuner.hub import HubError, download, model_folder_problem, shown
-from tuner.settings import in_workspace, settings_for_script
+from tuner.hub import download, model_folder_problem, shown
+from tuner.settings import in_workspace, run_script, script_parser, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+def main() -> int:
+    parser = script_parser(__doc__, ROOT, "model.path=model-cache/try")
     parser.add_argument("--force", action="store_true", help="download (or build) again even if present")
     args = parser.parse_args()
-    model = settings_for_script(args.settings)["model"]
+    model = settings_for_script(args.settings, args.overrides)["model"]
     dest = in_workspace(ROOT, model["path"])
     if not model["hf_repo"]:
         # A build killed midway leaves some of the files: only a complete folder counts as built.
         problem = model_folder_problem(dest) if dest.is_dir() else ""
         if dest.is_dir() and not problem and not args.force:
             print(f"{model['id']} is already built in {shown(dest)}")
-            return
+            return 0
         if problem:
             print(f"{shown(dest)} is incomplete ({problem}): building it again")
         build = [sys.executable, str(ROOT / "setup" / "build_tiny_model.py"), "--settings", str(args.settings)]
-        sys.exit(subprocess.run(build).returncode)
-    try:
-        download(model, dest, args.force)
-    except HubError as err:
-        sys.exit(f"error: {err}")
+        return subprocess.run(build + [f"--set={item}" for item in args.overrides]).returncode
+    download(model, dest, args.force)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

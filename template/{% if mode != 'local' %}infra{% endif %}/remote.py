@@ -20,13 +20,11 @@ region, Azure ML names) and infra/provision/*.parameters.json. The work is in tu
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from tuner.cloud import azureml
 from tuner.cloud import containerapps as remote
-from tuner.cloud.az import AzureError
-from tuner.settings import SettingsError
+from tuner.settings import Interrupted, add_settings_arguments, run_script
 
 COMMANDS = {
     "provision-finetuning": "create the storage, GPU environment and fine-tuning job",
@@ -55,15 +53,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python infra/remote.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    settings_help = "the settings file (default: settings.toml of this workspace)"
-    parser.add_argument("--settings", type=Path, help=settings_help)
-    # Also after the command (`remote.py fetch --settings x.toml`); SUPPRESS keeps one given before it.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--settings", type=Path, default=argparse.SUPPRESS, help=settings_help)
+    add_settings_arguments(parser, None, "azure.location=westus3")  # --settings default: settings.toml
+    # Also after the command (`remote.py fetch --settings x.toml --set ...`): SUPPRESS keeps a
+    # --settings given before it, and --set given after adds to those given before (main()).
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common.add_argument("--settings", type=Path, default=argparse.SUPPRESS, help="as before the command")
+    common.add_argument("--set", dest="later_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {
-        name: sub.add_parser(name, help=text, description=text, parents=[common]) for name, text in COMMANDS.items()
+        name: sub.add_parser(name, help=text, description=text, parents=[common], allow_abbrev=False)
+        for name, text in COMMANDS.items()
     }
     for name in ("run-finetuning", "finetune"):
         parsers[name].add_argument("--no-upload", action="store_true", help="start without uploading")
@@ -116,15 +117,12 @@ def run(ctx: remote.Context, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(__file__).resolve().parents[1]
+    overrides = tuple(args.overrides + args.later_overrides)
     try:
-        return run(remote.load_context(root, args.settings or root / "settings.toml"), args)
-    except (AzureError, SettingsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return run(remote.load_context(root, args.settings or root / "settings.toml", overrides), args)
     except KeyboardInterrupt:
-        print("interrupted (a job run goes on: `python infra/remote.py status`)", file=sys.stderr)
-        return 130
+        raise Interrupted("interrupted (a job run goes on: `python infra/remote.py status`)") from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

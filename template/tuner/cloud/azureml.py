@@ -21,8 +21,7 @@ REQUIREMENTS = ("requirements-torch-cuda.txt", "requirements-cuda.txt")
 
 def ml_names(ctx: Context) -> tuple[str, str]:
     """[azure] ml_workspace and ml_compute, or one line saying which are missing."""
-    workspace = ctx.azure.get("ml_workspace") or ""
-    compute = (ctx.azure.get("ml_compute") or "").removeprefix("azureml:")
+    workspace, compute = ctx.azure["ml_workspace"], ctx.azure["ml_compute"].removeprefix("azureml:")
     missing = [name for name, value in (("ml_workspace", workspace), ("ml_compute", compute)) if not value]
     if missing:
         raise AzureError(
@@ -90,7 +89,7 @@ distribution:
 def submit(ctx: Context, nodes: int, gpus: int) -> int:
     """Stage the code, the image's build context and the job; create the job; print its name."""
     workspace, compute = ml_names(ctx)
-    if ctx.settings["model"].get("gated"):
+    if ctx.settings["model"]["gated"]:
         # A job's environment variables are stored in plain text with its definition.
         raise AzureError(
             f"{ctx.settings['model']['id']} is gated, and --target azureml has no secret store for HF_TOKEN yet: "

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.cloud.az import Az, AzureError, first_error
-from tuner.settings import ADAPTER, load_settings
+from tuner.settings import ADAPTER, dump_settings, load_settings, with_overrides
 
 # The same names as in provision/*.bicep (hfTokenSecretName, apiKeySecretName, container names).
 HF_SECRET = "hf-token"
@@ -48,11 +48,13 @@ SECRET_DIRS = {".huggingface", ".azure", ".ssh"}
 
 @dataclass(frozen=True)
 class Context:
-    """What every command works on: the workspace, and the settings file it was given."""
+    """What every command works on: the workspace, the settings file it was given, and its
+    settings with the command line's --set overrides."""
 
     root: Path
     settings_path: Path
     settings: dict[str, Any]
+    overrides: tuple[str, ...] = ()
 
     @property
     def infra(self) -> Path:
@@ -64,19 +66,18 @@ class Context:
 
     @property
     def az(self) -> Az:
-        return Az(self.azure.get("subscription") or "")
+        return Az(self.azure["subscription"])
 
 
-def load_context(root: Path, settings_path: Path) -> Context:
-    """The settings at settings_path, checked for what every command needs ([azure])."""
-    settings = load_settings(settings_path)
-    azure = settings.get("azure") or {}
-    if not (azure.get("resource_group") and azure.get("location")):
+def load_context(root: Path, settings_path: Path, overrides: tuple[str, ...] = ()) -> Context:
+    """The settings at settings_path with the overrides, checked for what every command needs ([azure])."""
+    settings = with_overrides(load_settings(settings_path), list(overrides))
+    if "azure" not in settings:
         hint = ""
         if (root / "infra" / "azure.toml").is_file():  # where workspaces rendered before kept [azure]
             hint = " (infra/azure.toml is no longer read: move its [azure] there)"
         raise AzureError(f"{settings_path} needs [azure] resource_group and location{hint}")
-    return Context(root, settings_path, settings)
+    return Context(root, settings_path, settings, tuple(overrides))
 
 
 def info(message: str) -> None:
@@ -85,7 +86,7 @@ def info(message: str) -> None:
 
 
 def api_key_env(settings: dict[str, Any]) -> str:
-    return settings["serve"].get("api_key_env") or "FINETUNE_API_KEY"
+    return settings["serve"]["api_key_env"]
 
 
 # ---------------------------------------------------------------- config files
@@ -167,10 +168,14 @@ def stage(ctx: Context, dest: Path, extra: list[Path] | None = None) -> int:
             os.link(path, target)  # no copy when the temp folder is on the same disk
         except OSError:
             shutil.copy2(path, target)
-    # The remote scripts read settings.toml: with --settings OTHER.toml, that file is the one to send.
-    if ctx.settings_path.resolve() != (ctx.root / "settings.toml").resolve():
+    # The remote scripts read settings.toml: with --settings OTHER.toml, that file is the one to
+    # send; with --set, the settings as changed (without the file's comments).
+    if ctx.overrides or ctx.settings_path.resolve() != (ctx.root / "settings.toml").resolve():
         (dest / "settings.toml").unlink(missing_ok=True)  # a hard link: never write through it
-        shutil.copyfile(ctx.settings_path, dest / "settings.toml")
+        if ctx.overrides:
+            (dest / "settings.toml").write_text(dump_settings(ctx.settings), "utf-8")
+        else:
+            shutil.copyfile(ctx.settings_path, dest / "settings.toml")
     return len(files)
 
 
@@ -199,7 +204,7 @@ def provision_finetuning(ctx: Context) -> int:
     token = os.environ.get("HF_TOKEN") or None
     out = deploy(ctx, "finetuning", ["-p", "hfToken=@-"] if token else [], token)
     info(f"Job {out['ACA_JOB_NAME']} is ready" + (" with HF_TOKEN as a secret" if token else ""))
-    if ctx.settings["model"].get("gated") and not token:
+    if ctx.settings["model"]["gated"] and not token:
         info(f"{ctx.settings['model']['id']} is gated: run `python infra/remote.py set-secret` before a run")
     return 0
 
@@ -236,7 +241,7 @@ def run_finetuning(ctx: Context, upload_first: bool = True) -> int:
     """Upload the workspace (unless upload_first is False), start a run of the job, print its name."""
     cfg = load_config(ctx, "finetuning")
     ctx.az.login()
-    if ctx.settings["model"].get("gated"):
+    if ctx.settings["model"]["gated"]:
         names = {s.get("name") for s in ctx.az("containerapp job secret list", *job_ref(cfg)) or []}
         if HF_SECRET not in names:
             raise AzureError(

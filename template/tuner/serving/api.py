@@ -186,7 +186,7 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
     from fastapi.responses import JSONResponse, StreamingResponse
 
     defaults = engine.settings["chat"]
-    max_bytes = engine.settings["serve"].get("max_request_bytes", 2_097_152)
+    max_bytes = engine.settings["serve"]["max_request_bytes"]
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
         # 0 or less would refuse every request: a server that cannot answer is refused at start.
         raise EngineError(f"[serve] max_request_bytes must be a positive number of bytes, not {max_bytes!r}")

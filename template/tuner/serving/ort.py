@@ -22,28 +22,19 @@ from tuner.serving.engine import END_TOKENS, ChatEngine, EngineError
 from tuner.settings import in_workspace
 
 ADAPTER_FILE = "adapter.onnx_adapter"
-PRECISIONS = ["int4", "fp16", "fp32"]  # what inference/export_onnx.py builds
-
-
-def check_precision(precision: Any) -> None:
-    """EngineError for an [onnx] precision the export cannot build: the builder would take it
-    and fail later, with a message that does not point here."""
-    if precision not in PRECISIONS:
-        value = f'"{precision}"' if isinstance(precision, str) else repr(precision)
-        raise EngineError(f"[onnx] precision = {value} in settings.toml is not one of {', '.join(PRECISIONS)}")
 
 
 def export_dir(settings: dict[str, Any], root: Path, precision: str) -> Path:
     """Where inference/export_onnx.py writes the model at `precision`."""
-    return in_workspace(root, settings.get("onnx", {}).get("output_dir", "models/onnx")) / precision
+    return in_workspace(root, settings["onnx"]["output_dir"]) / precision
 
 
 def downloaded_dir(settings: dict[str, Any], root: Path) -> Path | None:
     """The published ONNX model for this platform, if setup/download_onnx.py fetched it."""
-    onnx = settings.get("onnx", {})
-    if not (onnx.get("repo") and onnx.get("variant")):
+    onnx = settings["onnx"]
+    if not (onnx["repo"] and onnx["variant"]):
         return None
-    path = in_workspace(root, onnx.get("path", "model-cache/onnx/" + onnx["repo"])) / onnx["variant"]
+    path = in_workspace(root, onnx["path"]) / onnx["variant"]
     return path if (path / "genai_config.json").is_file() else None
 
 
@@ -55,8 +46,7 @@ class OnnxEngine(ChatEngine):
     ) -> None:
         super().__init__()
         self.settings = settings
-        precision = precision or settings.get("onnx", {}).get("precision", "int4")  # [onnx] precision
-        check_precision(precision)
+        precision = precision or settings["onnx"]["precision"]
         command = "python inference/export_onnx.py" + ("" if precision == "int4" else f" --precision {precision}")
         path = export_dir(settings, root, precision)
         adapter = path / ADAPTER_FILE

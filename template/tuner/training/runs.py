@@ -19,7 +19,7 @@ from typing import Any
 
 from tuner.data import check_lengths, check_prompt, check_rows, load_rows, split_rows
 from tuner.hub import model_folder_problem
-from tuner.settings import CHECKPOINTS, MODELS, RUN_RECORD, RUNS, WorkspaceError, adapter_dir, check_train, in_workspace
+from tuner.settings import CHECKPOINTS, MODELS, RUN_RECORD, RUNS, WorkspaceError, adapter_dir, in_workspace
 from tuner.training.precision import Device, Precision, decide
 
 # [train] keys that go to transformers' TrainingArguments as they are, in both trainers.
@@ -48,11 +48,10 @@ Rows = list[dict[str, Any]]
 
 
 def check_run(settings: dict[str, Any], root: Path) -> tuple[Rows, Rows, Rows, str]:
-    """Everything cheap a run checks before loading the model: the [train] values, the dataset
-    and its split, the base model, the logger, and answers within max_seq_len (an answer cut off
-    teaches nothing). Returns the rows, the train and eval splits and a warning ("" if none); raises
-    SettingsError, RunError, or DatasetError (a bad dataset)."""
-    check_train(settings)
+    """Everything cheap a run checks before loading the model (load_settings checked the values
+    themselves): the prompt, the dataset and its split, the base model, the logger, and answers
+    within max_seq_len (an answer cut off teaches nothing). Returns the rows, the train and eval
+    splits and a warning ("" if none); raises SettingsError, RunError, or DatasetError (a bad dataset)."""
     check_prompt(settings)
     train = settings["train"]
     rows = load_rows(settings, root)
