@@ -203,8 +203,8 @@ def run_measured(stats_path: Path, script: list[str]) -> int:
 def precision(ws: Path) -> None:
     """tuner.training.precision's choices on this machine, for LoRA and QLoRA, from the workspace's [train]."""
     sys.path.insert(0, str(ws))
-    from tuner.training.precision import Device, decide
     from tuner.settings import load_settings
+    from tuner.training.precision import Device, decide
 
     train = load_settings(ws / "settings.toml")["train"]
     device = Device.detect()

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from tuner.serving.engine import DONE, Job, PromptTooLong, Row, conversation, is_text
 from tuner.data import load_rows
+from tuner.serving.engine import DONE, Job, PromptTooLong, Row, conversation, is_text
 from tuner.serving.hf import Engine
 
 TOKENS = 40

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import transformers
+from tuner.settings import load_settings, with_overrides
 from tuner.training.olive import olive_config
 from tuner.training.precision import Device, decide
-from tuner.settings import load_settings, with_overrides
 
 TRAINING_ARGS = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
 

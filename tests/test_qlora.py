@@ -70,8 +70,8 @@ def test_engine_answers_what_the_evaluation_scored(
     (its run.json: 4-bit type, double quantisation, compute dtype) and gives, greedy, the answers
     the held-out evaluation gave for the same rows."""
     from tuner.serving.engine import conversation
-    from tuner.settings import load_settings
     from tuner.serving.hf import Engine
+    from tuner.settings import load_settings
 
     ws = qlora_workspace(render_factory, tuned_workspace, tmp_path / "ws")
     overrides = [f"train.quant_type={quant_type}", f"train.double_quant={str(double_quant).lower()}"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CATALOG, MODES, PLATFORMS, invalid_combinations, render, render_matrix
-from tuner.training.olive import olive_config
 from tuner.settings import load_settings
+from tuner.training.olive import olive_config
 
 BIN = Path(sys.executable).parent
 LEFTOVER = re.compile(r"\{\{|\{%|%\}|<placeholder>")

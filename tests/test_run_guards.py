@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import render, run_py
-from tuner.training import runs
 from tuner.settings import load_settings
+from tuner.training import runs
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ import pytest
 from conftest import PYTHON, REPO, Server, free_port, run_py, start_server
 from tuner.serving import vllm
 from tuner.serving.engine import EngineError
-from tuner.training.precision import Device
 from tuner.settings import load_settings
+from tuner.training.precision import Device
 
 KEY = "front-door-key"
 GPU = Device(cuda=True, capability=(9, 0))  # an H100, without asking this machine

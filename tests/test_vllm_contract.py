@@ -36,8 +36,8 @@ from test_vllm import GPU, fake_vllm_python, workspace
 from tuner.serving import vllm
 from tuner.serving.engine import Job
 from tuner.serving.upstream import OpenAIEngine
-from tuner.training.precision import Device
 from tuner.settings import load_settings
+from tuner.training.precision import Device
 
 VERSION = yaml.safe_load((REPO / "includes" / "versions.yml").read_text("utf-8"))["vllm"]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "copier-finetune" / f"vllm-{VERSION}"
