@@ -209,6 +209,13 @@ class Server:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text("utf-8", errors="replace")[-chars:]
 
+    def assert_clean_log(self) -> None:
+        """The log has the server's start line (an empty log is not a clean one: its output went
+        elsewhere) and no traceback."""
+        log = self.log_tail(10**7)
+        assert f" on http://127.0.0.1:{self.port} (API at /v1)" in log, log[-4000:]
+        assert "Traceback" not in log and "Internal Server Error" not in log, log[-4000:]
+
     def post(self, body: object, raw: bytes | None = None, timeout: float = 300) -> httpx.Response:
         """POST /v1/chat/completions (with the key): `body` as JSON, or `raw` bytes as they are."""
         headers = {"Content-Type": "application/json"}

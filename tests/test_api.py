@@ -142,7 +142,20 @@ def test_prompt_longer_than_the_context_is_a_400_naming_both(server: Server) -> 
 
 
 def test_server_log_has_no_traceback(server: Server) -> None:
-    assert "Traceback" not in server.log_tail(10**7), server.log_tail()
+    """A client gone mid-answer, a body over the cap and text that is not Unicode (done here too,
+    so that the test holds alone and in any order) are answered, not crashed on: the log has the
+    server's start line and no traceback."""
+    sock = raw_request(server, long_request(stream=True))
+    read_events(sock, 3)
+    sock.close()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n{"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 413")
+    raw = b'{"messages": [{"role": "user", "content": "caf\\udc80"}], "stream": true}'
+    assert server.post(None, raw=raw, timeout=60).status_code == 400
+    assert timed(server, SHORT) < 5  # the abandoned answer was cancelled, and the log is written
+    server.assert_clean_log()
 
 
 def test_sigterm_stops_the_server_mid_generation(smol_base: Path, tmp_path: Path) -> None:
@@ -164,4 +177,4 @@ def test_sigterm_stops_the_server_mid_generation(smol_base: Path, tmp_path: Path
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
-    assert "Traceback" not in srv.log_tail(10**7), srv.log_tail()
+    srv.assert_clean_log()

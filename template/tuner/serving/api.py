@@ -1,23 +1,31 @@
 """The OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) and the Gradio chat
 page, on one FastAPI app around a chat engine. inference/gradio_chat.py serves it.
 
-Every request is checked before it reaches the model: a body over [serve] max_request_bytes
-is a 413 before it is read; bad JSON, fields, non-Unicode text, or a prompt longer than the
-context are 400s naming the field, with an OpenAI-style error object; a failing model server
-behind this one (vLLM) is a 502. An answer is cancelled when its client goes away, so an
-abandoned request never holds up the next one.
+Every request is checked before it reaches the model: a wrong key is a 401; a body over [serve]
+max_request_bytes is a 413 before it is read; bad JSON, fields, non-Unicode text, or a prompt
+longer than the context are 400s naming the field, with an OpenAI-style error object; a failing
+model server behind this one (vLLM) is a 502. An answer is cancelled when its client goes away,
+so an abandoned request never holds up the next one.
+
+The routes are plain functions on `router`; what they share (the engine, the key, the body cap)
+is on `app.state`, set by create_app(), and reaches them through dependencies.
 """
 
-# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request)
-# at run time, and they are imported inside create_app.
+from __future__ import annotations
+
 import asyncio
 import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import gradio as gr
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuner.serving.engine import DONE, ChatEngine, EngineError, Job, PromptTooLong, conversation, formatted, is_text
 
@@ -178,168 +186,184 @@ def evaluation_summary(adapter: Path) -> str:
         return "No held-out evaluation yet (python finetuning/evaluate_adapter.py writes one)."
 
 
-def create_app(engine: ChatEngine, api_key: str | None, description: str | None = None) -> Any:
-    """The FastAPI app: the API under /v1, the page at / (a login with the key as password when
-    `api_key` is set)."""
-    import gradio as gr
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+async def api_error(_: Request, err: ApiError) -> JSONResponse:
+    """An ApiError as OpenAI's error object."""
+    kind = "server_error" if err.status >= 500 else "invalid_request_error"
+    kind = "authentication_error" if err.status == 401 else kind
+    body = {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
+    return JSONResponse(body, status_code=err.status, headers={"Allow": err.allow} if err.allow else None)
 
-    defaults = engine.settings["chat"]
-    max_bytes = engine.settings["serve"]["max_request_bytes"]
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
-        # 0 or less would refuse every request: a server that cannot answer is refused at start.
-        raise EngineError(f"[serve] max_request_bytes must be a positive number of bytes, not {max_bytes!r}")
-    # A key read from a file or a secret store often ends in a newline that no client sends.
-    api_key = (api_key or "").strip() or None
 
-    app = FastAPI(title=f"{engine.model_name} chat")
+def engine_of(request: Request) -> ChatEngine:
+    return request.app.state.engine
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        kind = "server_error" if err.status >= 500 else "invalid_request_error"
-        kind = "authentication_error" if err.status == 401 else kind
-        body = {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
-        return JSONResponse(body, status_code=err.status, headers={"Allow": err.allow} if err.allow else None)
 
-    def check_key(request: Request) -> None:
-        if not api_key:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
+def check_key(request: Request) -> None:
+    """A 401 unless the request bears the server's key (when it has one), compared in constant time."""
+    key = request.app.state.api_key
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if key and (scheme.lower() != "bearer" or not matches(given.strip(), key)):
+        raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
-    @app.get("/v1/models")
-    def models(request: Request) -> dict[str, Any]:
-        check_key(request)
-        card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "local"}
-        return {"object": "list", "data": [card]}
 
-    async def read_body(request: Request) -> bytes:
-        """The body, refused with a 413 as soon as it is known to be too big: by its declared
-        length before anything is read, or while it streams in."""
-        too_big = ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
+def matches(given: str, key: str) -> bool:
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+async def json_body(request: Request) -> Any:
+    """The body as JSON. Over the cap, a 413 as soon as that is known: by its declared length
+    before anything is read, or while it streams in."""
+    max_bytes = request.app.state.max_bytes
+    too_big = ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_bytes:
             raise too_big
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > max_bytes:
-                raise too_big
-        return bytes(body)
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, huge integers, deep nesting
+        raise ApiError(400, "the request body is not valid JSON") from None
 
-    async def pieces(request: Request, job: Job, items: asyncio.Queue[Any]) -> AsyncIterator[str]:
-        """The job's answer as it comes. The job is cancelled when the client goes away (checked
-        every 0.25 s) or when this generator is closed or cancelled, so the engine moves on."""
 
-        async def watch() -> None:
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.25)
-            job.cancel.set()
+Engine = Annotated[ChatEngine, Depends(engine_of)]
+KEYED = [Depends(check_key)]  # before the body is read: a client without the key sends nothing big
 
-        watcher = asyncio.create_task(watch())
-        try:
-            while (item := await items.get()) is not DONE:
-                if isinstance(item, PromptTooLong):
-                    raise ApiError(400, str(item), "messages", "context_length_exceeded")
-                if isinstance(item, EngineError):  # the model server behind us (vLLM) failed
-                    raise ApiError(502, str(item), code="upstream_error")
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            watcher.cancel()
-            job.cancel.set()
+router = APIRouter(prefix="/v1")
+SHUTDOWN = {"message": "the server is shutting down", "type": "server_error", "code": "server_shutting_down"}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        check_key(request)
-        try:
-            body = json.loads(await read_body(request))
-        except (ValueError, RecursionError):  # bad JSON or UTF-8, huge integers, deep nesting
-            raise ApiError(400, "the request body is not valid JSON") from None
-        req = parse_request(body, engine.context, defaults, engine.has_logprobs)
-        # The same prompt format as training and the other front-ends.
-        req["messages"] = formatted(req["messages"], engine.settings)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": cid, "created": created, "model": engine.model_name}
-        # The engine's worker thread hands each piece to this event loop.
-        loop, items = asyncio.get_running_loop(), asyncio.Queue()
 
-        def deliver(item: Any) -> None:
-            loop.call_soon_threadsafe(items.put_nowait, item)
+@router.get("/models", dependencies=KEYED)
+def models(engine: Engine) -> dict[str, Any]:
+    card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "local"}
+    return {"object": "list", "data": [card]}
 
-        try:
-            job = engine.submit(req["messages"], on_item=deliver, **req["options"])
-        except EngineError as err:  # shutting down
-            raise ApiError(503, str(err), code="server_shutting_down") from None
-        answer = pieces(request, job, items)
-        # The first piece, before any header is sent: a prompt too long for the context is a 400.
-        first = await anext(answer, None)
 
-        def usage() -> dict[str, int]:
-            p, c = job.stats["prompt_tokens"], job.stats["completion_tokens"]
-            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+@router.post("/chat/completions", dependencies=KEYED)
+async def chat_completions(request: Request, engine: Engine, body: Annotated[Any, Depends(json_body)]) -> Any:
+    req = parse_request(body, engine.context, engine.settings["chat"], engine.has_logprobs)
+    # The same prompt format as training and the other front-ends.
+    req["messages"] = formatted(req["messages"], engine.settings)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+    # The engine's worker thread hands each piece to this event loop.
+    loop, items = asyncio.get_running_loop(), asyncio.Queue[Any]()
+    try:
+        job = engine.submit(req["messages"], partial(loop.call_soon_threadsafe, items.put_nowait), **req["options"])
+    except EngineError as err:  # shutting down
+        raise ApiError(503, str(err), code="server_shutting_down") from None
+    answer = pieces(request, job, items)
+    # The first piece, before any header is sent: a prompt too long for the context is a 400.
+    first = [piece] if (piece := await anext(answer, None)) is not None else []
+    if req["stream"]:
+        return StreamingResponse(sse_events(engine, job, req, head, first, answer), media_type="text/event-stream")
+    parts = first + [piece async for piece in answer]
+    if cut_short(engine, job):
+        raise ApiError(503, SHUTDOWN["message"], code=SHUTDOWN["code"])
+    message = {"role": "assistant", "content": "".join(parts)}
+    choice = {"index": 0, "message": message, **logprobs(req, parts), "finish_reason": job.stats["finish_reason"]}
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(job)}
 
-        shutdown = {"message": "the server is shutting down", "type": "server_error", "code": "server_shutting_down"}
 
-        def cut_short() -> bool:
-            return job.stats["finish_reason"] == "cancelled" and engine.closing
+@router.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+def elsewhere(path: str) -> None:
+    """What the two routes above do not take: another method (a 405 with Allow), another path (a
+    404 as an error object; without this route, the page mounted at / would answer an HTML 404)."""
+    if allow := {"chat/completions": "POST", "models": "GET"}.get(path):
+        raise ApiError(405, f"use {allow} for /v1/{path}", code="method_not_allowed", allow=allow)
+    raise ApiError(404, f"no such endpoint: /v1/{path} (this server has /v1/chat/completions and /v1/models)")
 
-        def logprobs(*pieces: str) -> dict[str, Any]:
-            # Only asked-for log-probabilities are given: OpenAI's field is null otherwise.
-            if "logprobs" not in req["options"]:
-                return {}
-            return {"logprobs": {"content": [t for p in pieces for t in getattr(p, "logprobs", [])], "refusal": None}}
 
-        if not req["stream"]:
-            parts = ([first] if first is not None else []) + [piece async for piece in answer]
-            if cut_short():
-                raise ApiError(503, shutdown["message"], code=shutdown["code"])
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts)},
-                **logprobs(*parts),
-                "finish_reason": job.stats["finish_reason"],
-            }
-            return {**head, "object": "chat.completion", "choices": [choice], "usage": usage()}
+async def pieces(request: Request, job: Job, items: asyncio.Queue[Any]) -> AsyncIterator[str]:
+    """The job's answer as it comes. The job is cancelled when the client goes away (checked
+    every 0.25 s) or when this generator is closed or cancelled, so the engine moves on."""
 
-        async def events() -> AsyncIterator[str]:
-            def chunk(delta: dict[str, str], finish: str | None = None) -> str:
-                choice = {"index": 0, "delta": delta, **logprobs(delta.get("content", "")), "finish_reason": finish}
-                return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        job.cancel.set()
 
-            yield chunk({"role": "assistant", "content": ""})
-            if first is not None:
-                yield chunk({"content": first})
-            async for piece in answer:
-                yield chunk({"content": piece})
-            if cut_short():  # an error event and no [DONE]: the client knows the answer is cut
-                yield f"data: {json.dumps({'error': shutdown})}\n\n"
-                return
-            yield chunk({}, job.stats["finish_reason"])
-            if req["include_usage"]:
-                last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()}
-                yield f"data: {json.dumps(last)}\n\n"
-            yield "data: [DONE]\n\n"
+    watcher = asyncio.create_task(watch())
+    try:
+        while (item := await items.get()) is not DONE:
+            if isinstance(item, PromptTooLong):
+                raise ApiError(400, str(item), "messages", "context_length_exceeded")
+            if isinstance(item, EngineError):  # the model server behind us (vLLM) failed
+                raise ApiError(502, str(item), code="upstream_error")
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        watcher.cancel()
+        job.cancel.set()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
 
-    other_methods = ["GET", "HEAD", "PUT", "PATCH", "DELETE"]
+async def sse_events(
+    engine: ChatEngine, job: Job, req: dict[str, Any], head: dict[str, Any], first: list[str], rest: AsyncIterator[str]
+) -> AsyncIterator[str]:
+    """The answer as server-sent events of OpenAI's chunks: the role, each piece (`first`, then
+    `rest`), the finish reason, the usage when asked for, then `data: [DONE]`."""
 
-    @app.api_route("/v1/chat/completions", methods=other_methods)
-    def completions_other_methods() -> None:
-        raise ApiError(405, "use POST for /v1/chat/completions", code="method_not_allowed", allow="POST")
+    def chunk(delta: dict[str, str], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, **logprobs(req, [delta.get("content", "")]), "finish_reason": finish}
+        return event({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
-    @app.api_route("/v1/models", methods=["POST", "PUT", "PATCH", "DELETE"])
-    def models_other_methods() -> None:
-        raise ApiError(405, "use GET for /v1/models", code="method_not_allowed", allow="GET")
+    yield chunk({"role": "assistant", "content": ""})
+    for piece in first:
+        yield chunk({"content": piece})
+    async for piece in rest:
+        yield chunk({"content": piece})
+    if cut_short(engine, job):  # an error event and no [DONE]: the client knows the answer is cut
+        yield event({"error": SHUTDOWN})
+        return
+    yield chunk({}, job.stats["finish_reason"])
+    if req["include_usage"]:
+        yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(job)})
+    yield "data: [DONE]\n\n"
 
-    @app.api_route("/v1/{path:path}", methods=["POST", *other_methods])
-    def unknown(path: str) -> None:
-        # Without this, the page mounted at / would answer an HTML 404.
-        raise ApiError(404, f"no such endpoint: /v1/{path} (this server has /v1/chat/completions and /v1/models)")
+
+def event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def usage(job: Job) -> dict[str, int]:
+    p, c = job.stats["prompt_tokens"], job.stats["completion_tokens"]
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def cut_short(engine: ChatEngine, job: Job) -> bool:
+    """Whether the answer was cancelled by the server shutting down (not by its client)."""
+    return job.stats["finish_reason"] == "cancelled" and engine.closing
+
+
+def logprobs(req: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """The log-probabilities of `parts`, only when asked for: OpenAI's field is null otherwise."""
+    if "logprobs" not in req["options"]:
+        return {}
+    return {"logprobs": {"content": [t for p in parts for t in getattr(p, "logprobs", [])], "refusal": None}}
+
+
+def slider(low: float, high: float, value: float, step: float, label: str) -> gr.Slider:
+    """A slider whose value out of range (typed into its number box) is said on the page: gradio's
+    own check logs a traceback for each. Within half a step of an end (float steps) it is that end.
+    Not a subclass: gradio writes a .pyi stub beside the module of every component class."""
+    widget = gr.Slider(low, high, value=value, step=step, label=label)
+    preprocess = widget.preprocess
+
+    def checked(payload: Any) -> Any:
+        number = isinstance(payload, int | float) and not isinstance(payload, bool)
+        if not number or not low - step / 2 <= payload <= high + step / 2:
+            raise gr.Error(f"{label}: {payload!r} is not between {low} and {high}", print_exception=False)
+        return preprocess(min(max(payload, low), high))
+
+    widget.preprocess = checked  # type: ignore[method-assign]
+    return widget
+
+
+def chat_page(engine: ChatEngine, description: str | None) -> gr.ChatInterface:
+    """The chat page: multi-turn, streaming, with the generation settings folded away."""
 
     def respond(
         message: str, history: list[dict[str, Any]], max_new_tokens: int, temperature: float, top_p: float, top_k: int
@@ -354,29 +378,32 @@ def create_app(engine: ChatEngine, api_key: str | None, description: str | None 
         except EngineError as err:  # a prompt too long for the context: said on the page, not logged
             raise gr.Error(str(err), print_exception=False) from None
 
-    class Slider(gr.Slider):  # this name: gradio finds the page's widget by the class name
-        """A value out of range (typed into the slider's number box) is said on the page: gradio's
-        own check logs a traceback for each. Within half a step of an end (float steps) it is that end."""
-
-        def preprocess(self, payload: Any) -> Any:
-            low, high, slack = self.minimum, self.maximum, self.step / 2
-            number = isinstance(payload, int | float) and not isinstance(payload, bool)
-            if not number or not low - slack <= payload <= high + slack:
-                raise gr.Error(f"{self.label}: {payload!r} is not between {low} and {high}", print_exception=False)
-            return super().preprocess(min(max(payload, low), high))
-
-    most = min(2048, engine.context)
-    page = gr.ChatInterface(
+    defaults, most = engine.settings["chat"], min(2048, engine.context)
+    return gr.ChatInterface(
         respond,
         title=f"Chat with {engine.model_name}",
         description=description,
         additional_inputs=[
-            Slider(1, most, value=min(defaults["max_new_tokens"], most), step=1, label="Max new tokens"),
-            Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="Temperature (0 = greedy)"),
-            Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p"),
-            Slider(1, 200, value=defaults["top_k"], step=1, label="Top-k"),
+            slider(1, most, min(defaults["max_new_tokens"], most), 1, "Max new tokens"),
+            slider(0.0, 2.0, defaults["temperature"], 0.05, "Temperature (0 = greedy)"),
+            slider(0.05, 1.0, defaults["top_p"], 0.05, "Top-p"),
+            slider(1, 200, defaults["top_k"], 1, "Top-k"),
         ],
         additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
     )
-    auth = (lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode())) if api_key else None
-    return gr.mount_gradio_app(app, page, path="/", auth=auth, auth_message="Password: the API key")
+
+
+def create_app(engine: ChatEngine, api_key: str | None, description: str | None = None) -> FastAPI:
+    """The FastAPI app: the API under /v1, the page at / (a login with the key as password when
+    `api_key` is set)."""
+    max_bytes = engine.settings["serve"]["max_request_bytes"]  # checked by the settings: positive
+    app = FastAPI(title=f"{engine.model_name} chat")
+    # A key read from a file or a secret store often ends in a newline that no client sends.
+    key = (api_key or "").strip() or None
+    app.state.engine, app.state.api_key, app.state.max_bytes = engine, key, max_bytes
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.include_router(router)
+    auth = (lambda _user, password: matches(password, key)) if key else None
+    return gr.mount_gradio_app(
+        app, chat_page(engine, description), path="/", auth=auth, auth_message="Password: the API key"
+    )
