@@ -76,10 +76,10 @@ def main() -> None:
     raw, cache = staging / "raw", staging / "cache"
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the Hub
-    if model_id == "tiny-random":
+    if settings["model"]["threads"]:  # 1 for tiny matrices: threads cost more than they save
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(settings["model"]["threads"])
     print(f"Building {model_id} + adapter, {args.precision}, for {args.execution_provider}", flush=True)
     try:
         build(base, raw, args.precision, args.execution_provider, cache, adapter)
