@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import CATALOG, PLATFORMS, killed_at_swap, run_py
+from conftest import CATALOG, killed_at_swap, run_py
 from tuner import files, hub
 
 PHI3 = "microsoft/Phi-3-mini-4k-instruct"
@@ -61,17 +61,10 @@ def test_no_hub_and_no_offline_copy_is_one_line(render_factory, tmp_path: Path) 
 # ---------------------------------------------------------------- the published ONNX builds (no network)
 
 
-def with_onnx_settings(ws: Path) -> dict:
-    """The workspace's [onnx] settings; written from the catalog where the template has none."""
-    settings_path = ws / "settings.toml"
-    settings = tomllib.loads(settings_path.read_text("utf-8"))
-    if "onnx" not in settings:
-        info = next(m for m in CATALOG if m["id"] == settings["model"]["id"])
-        onnx = info.get("onnx") or {}
-        variant = (onnx.get("variants") or {}).get(settings["model"]["platform"], "")
-        lines = ["", "[onnx]", f"repo = {json.dumps(onnx.get('repo') or '')}", f"variant = {json.dumps(variant)}"]
-        settings_path.write_text(settings_path.read_text("utf-8") + "\n".join(lines) + "\n", "utf-8")
-        settings = tomllib.loads(settings_path.read_text("utf-8"))
+def onnx_settings(ws: Path) -> dict:
+    """The workspace's [onnx] settings, as the template rendered them (never filled in here)."""
+    settings = tomllib.loads((ws / "settings.toml").read_text("utf-8"))
+    assert "onnx" in settings, "settings.toml has no [onnx] section"
     return settings["onnx"]
 
 
@@ -84,30 +77,41 @@ def copy_render(render_factory, tmp_path: Path, **answers: str) -> Path:
 # ---------------------------------------------------------------- download (no network)
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("model", [m["id"] for m in CATALOG])
-def test_download_plan_picks_the_platform_variant(render_factory, model: str, platform: str) -> None:
-    ws = render_factory(model="tiny-random", platform="cpu", mode="local")
-    onnx = next(m for m in CATALOG if m["id"] == model).get("onnx")
-    variant = ((onnx or {}).get("variants") or {}).get(platform)
+# What includes/models.yml publishes, written out: the rendered [onnx] settings must lead to these.
+PHI3_ONNX = "microsoft/Phi-3-mini-4k-instruct-onnx"
+PUBLISHED = [
+    (PHI3, "cpu", PHI3_ONNX, "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"),
+    (PHI3, "cuda", PHI3_ONNX, "cuda/cuda-int4-rtn-block-32"),
+    (PHI3, "windows-gpu", PHI3_ONNX, "directml/directml-int4-awq-block-128"),
+    ("microsoft/Phi-4-mini-instruct", "cuda", "microsoft/Phi-4-mini-instruct-onnx", "gpu/gpu-int4-rtn-block-32"),
+    ("microsoft/Phi-3.5-mini-instruct", "windows-gpu", "microsoft/Phi-3.5-mini-instruct-onnx", ""),  # no DirectML
+    ("Qwen/Qwen2.5-0.5B-Instruct", "cpu", "", ""),  # no published build at all
+]
+
+
+@pytest.mark.parametrize(("model", "platform", "repo", "variant"), PUBLISHED, ids=lambda v: v.split("/")[-1])
+def test_download_plan_picks_the_platform_variant(
+    render_factory, model: str, platform: str, repo: str, variant: str
+) -> None:
+    ws = render_factory(model=model, platform=platform, mode="local")
+    onnx = onnx_settings(ws)
+    assert (onnx["repo"], onnx["variant"]) == (repo, variant)
     if not variant:
-        with pytest.raises(hub.NoOnnxBuild, match="python inference/export_onnx.py"):
+        said = f"{repo} has no ONNX build for platform {platform}" if repo else f"{model} has no published ONNX build"
+        with pytest.raises(hub.NoOnnxBuild, match=re.escape(said + "; export your own: python inference/export_onnx")):
             hub.plan_download(onnx, platform, model, ws)
         return
     plan = hub.plan_download(onnx, platform, model, ws)
-    assert (plan.repo, plan.variant) == (onnx["repo"], variant)
+    assert (plan.repo, plan.variant, plan.revision) == (repo, variant, None)
     assert plan.allow_patterns == [variant + "/*"]  # only the platform's subfolder
-    assert plan.model_dir == ws / "model-cache" / "onnx" / onnx["repo"] / variant
-    # The workspace's own settings (variant already chosen) give the same plan.
-    same = hub.plan_download({"repo": onnx["repo"], "variant": variant}, platform, model, ws)
-    assert same == plan
+    assert plan.model_dir == ws / "model-cache" / "onnx" / repo / variant
 
 
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "windows-gpu"])
 def test_download_dry_run_names_the_variant(render_factory, tmp_path: Path, platform: str) -> None:
     ws = copy_render(render_factory, tmp_path, model=PHI3, platform=platform)
     expected = next(m for m in CATALOG if m["id"] == PHI3)["onnx"]["variants"][platform]
-    assert with_onnx_settings(ws)["variant"] == expected
+    assert onnx_settings(ws)["variant"] == expected
     run = run_py(ws, "setup/download_onnx.py", "--dry-run")
     assert run.returncode == 0, run.stderr
     assert f"files {expected}/* to model-cache/onnx/microsoft/Phi-3-mini-4k-instruct-onnx/{expected}" in run.stdout
@@ -126,7 +130,7 @@ def closed_port() -> int:
 )
 def test_download_unreachable_hub_is_one_line(render_factory, tmp_path: Path, env: dict) -> None:
     ws = copy_render(render_factory, tmp_path, model=PHI3, platform="cpu")
-    with_onnx_settings(ws)
+    assert onnx_settings(ws)["repo"] == "microsoft/Phi-3-mini-4k-instruct-onnx"
     if env.get("HF_ENDPOINT") == "closed":
         env = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
     run = run_py(ws, "setup/download_onnx.py", env=env, timeout=120)
@@ -138,7 +142,7 @@ def test_download_unreachable_hub_is_one_line(render_factory, tmp_path: Path, en
 
 def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> None:
     ws = copy_render(render_factory, tmp_path, model="tiny-random", platform="cpu")
-    with_onnx_settings(ws)
+    assert (onnx_settings(ws)["repo"], onnx_settings(ws)["variant"]) == ("", "")  # none in the catalog
     run = run_py(ws, "setup/download_onnx.py")
     assert run.returncode == 1
     assert run.stderr.strip() == (

@@ -130,7 +130,7 @@ def test_bitsandbytes_wherever_torch_is() -> None:
     """QLoRA runs on CUDA and on the CPU: every environment with torch gets bitsandbytes."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO)), undefined=jinja2.StrictUndefined)
     macro = env.get_template("includes/requirements.jinja").module.pip_lines
-    assert "bitsandbytes==" in macro("cpu", [VERSIONS])
+    assert "bitsandbytes==" in macro("cpu", VERSIONS)
     assert "bitsandbytes==" in macro("cuda", VERSIONS)
     assert "torch==" not in macro("directml", VERSIONS) and "bitsandbytes" not in macro("directml", VERSIONS)
     assert "index" not in macro("cpu", VERSIONS) + macro("cuda", VERSIONS)

@@ -211,18 +211,11 @@ class Plan:
         return self.dest / self.variant
 
 
-def plan_download(onnx: dict[str, Any] | None, platform: str, model_id: str, root: Path) -> Plan:
-    """What to download for `platform`, without touching the network.
-
-    `onnx` is either the catalog's entry ({repo, variants: {platform: subfolder}}) or the
-    workspace's [onnx] settings ({repo, variant[, revision, path]}), the variant already chosen.
-    """
-    onnx = onnx or {}
+def plan_download(onnx: dict[str, Any], platform: str, model_id: str, root: Path) -> Plan:
+    """What to download for `platform`, without touching the network: the workspace's [onnx]
+    settings ({repo, variant[, revision, path]}) name the repo and the platform's variant."""
     repo = onnx.get("repo") or ""
-    if "variants" in onnx:
-        variant = (onnx.get("variants") or {}).get(platform) or ""
-    else:
-        variant = onnx.get("variant") or ""
+    variant = onnx.get("variant") or ""
     if not repo:
         raise NoOnnxBuild(f"{model_id} has no published ONNX build; export your own: python inference/export_onnx.py")
     if not variant:
