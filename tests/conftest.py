@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +310,29 @@ def set_train(ws: Path, **values: object) -> None:
         text, n = re.subn(rf"^{key} = .*$", f"{key} = {json.dumps(value)}", text, flags=re.M)
         assert n == 1, key
     path.write_text(text, "utf-8")
+
+
+def killed_at_swap(folder: Path, work: Callable[[], object]) -> None:
+    """Run `work` in a forked child process that is killed (SIGKILL) at the swap of tuner.files:
+    when the new folder is about to be renamed to `folder`, the previous one already moved aside.
+    The child's own os.replace is the hook; the parent's is untouched."""
+    import multiprocessing
+    import signal
+
+    target = folder.resolve()
+
+    def child() -> None:
+        real_replace = os.replace
+
+        def replace(src: Any, dst: Any) -> None:
+            if Path(os.path.realpath(dst)) == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst)
+
+        os.replace = replace  # type: ignore[assignment]
+        work()
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(300)
+    assert process.exitcode == -signal.SIGKILL, f"the child ended with {process.exitcode}, never reaching the swap"

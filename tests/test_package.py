@@ -47,9 +47,9 @@ def package_imports(module: str) -> set[str]:
 
 
 def test_the_layout() -> None:
-    """The layers of tuner/__init__.py's docstring, and no module outside them but the three
+    """The layers of tuner/__init__.py's docstring, and no module outside them but the four
     shared ones."""
-    assert {m for m in MODULES if "." not in m} == {"settings", "data", "hub"}
+    assert {m for m in MODULES if "." not in m} == {"settings", "files", "data", "hub"}
     assert {m.split(".")[0] for m in MODULES if "." in m} == set(LAYERS)
     docstring = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text("utf-8"))) or ""
     for module in MODULES:
@@ -84,7 +84,7 @@ def test_no_import_circle() -> None:
 
 
 def test_the_layers_import_one_way() -> None:
-    """settings, data and hub import no layer; serving takes only the precision policy from
+    """settings, files, data and hub import no layer; serving takes only the precision policy from
     training (never its trainers: Olive's config, a run's bookkeeping, the evaluation); training
     loads an adapter for its evaluation as the chat engine does, and nothing else of serving;
     cloud imports neither; nothing imports an entry script."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import killed_at_swap
 from tuner.cloud import containerapps as package
 from tuner.cloud.az import AzureError
 from tuner.settings import SettingsError, check_settings, load_settings, with_overrides
+from tuner.training.runs import recover_adapter
 
 PY = sys.executable
 TOKEN = "hf_FAKEtokenFORtests0123456789abcdef"
@@ -159,14 +162,13 @@ class Remote:
         name = {"ACA_JOB_NAME": JOB} if kind == "finetuning" else {"ACA_APP_NAME": APP, "ACA_APP_ENDPOINT": ENDPOINT}
         (self.ws / "infra" / f"{kind}.config.json").write_text(json.dumps({**OUTPUTS, **name, **extra}), "utf-8")
 
-    def run(
-        self, *args: str, env: dict[str, str] | None = None, path: str | None = None
-    ) -> subprocess.CompletedProcess:
+    def environment(self, env: dict[str, str] | None = None, path: str | None = None) -> dict[str, str]:
+        """The environment remote.py runs in: the fake az first on PATH, answering from the rules."""
         rules = [{"match": words, "responses": responses} for words, responses in self.rules.items()]
         # Longer command words first, so "containerapp job secret set" wins over "containerapp show".
         rules.sort(key=lambda r: -len(r["match"].split()))
         self.rules_file.write_text(json.dumps(rules), "utf-8")
-        full_env = {
+        return {
             "PATH": path if path is not None else f"{self.bin}{os.pathsep}/usr/bin{os.pathsep}/bin",
             "FAKE_AZ_LOG": str(self.log),
             "FAKE_AZ_RULES": str(self.rules_file),
@@ -174,9 +176,13 @@ class Remote:
             "PYTHONPATH": str(self.ws),  # the workspace package, as setup/setup.sh installs it
             **(env or {}),
         }
+
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, path: str | None = None
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             [PY, str(self.ws / "infra" / "remote.py"), *args],
-            env=full_env,
+            env=self.environment(env, path),
             capture_output=True,
             text=True,
             timeout=120,
@@ -498,6 +504,31 @@ def test_fetch_replaces_the_local_adapter(remote: Remote) -> None:
     assert value_of(download, "--source") == "workspace"
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "stale.bin").exists()
     assert [p.name for p in adapter.parent.iterdir()] == ["adapter"], "no temporary folder left behind"
+
+
+def test_fetch_killed_at_the_swap_keeps_the_previous_adapter(remote: Remote) -> None:
+    """fetch killed between moving the local adapter aside and putting the share's in place: the
+    local adapter is kept whole, and the next fetch (or fine-tuning run) finds it first."""
+    remote.configure("finetuning")
+    adapter = remote.ws / "models" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("local", "utf-8")
+
+    def fetch() -> None:
+        os.environ.update(remote.environment())
+        sys.argv = ["remote.py", "fetch"]
+        runpy.run_path(str(remote.ws / "infra" / "remote.py"), run_name="__main__")
+
+    killed_at_swap(adapter, fetch)
+    previous = adapter.with_name("adapter.previous")
+    assert not adapter.exists() and (previous / "adapter_config.json").read_text("utf-8") == "local"
+    recover_adapter(adapter, remote.ws)  # what the next fine-tuning run does first
+    assert (adapter / "adapter_config.json").read_text("utf-8") == "local" and not previous.exists()
+    shutil.move(adapter, previous)  # killed there again; this time the next fetch repairs it
+    proc = remote.run("fetch")
+    assert proc.returncode == 0, proc.stderr
+    assert (adapter / "adapter_config.json").read_text("utf-8") == "{}" and (adapter / "w").is_file()
+    assert [p.name for p in adapter.parent.iterdir()] == ["adapter"]
 
 
 def test_fetch_without_an_adapter_on_the_share(remote: Remote) -> None:

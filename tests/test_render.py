@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CATALOG, MODES, PLATFORMS, invalid_combinations, render, render_matrix
+from conftest import CATALOG, MODES, PLATFORMS, REPO, invalid_combinations, render, render_matrix
+from tuner.training.olive import olive_config
 from tuner.settings import load_settings
 from tuner.training.olive import olive_config
 
@@ -65,6 +67,20 @@ def test_matrix_is_generated_from_the_catalog() -> None:
     assert ("meta-llama/Llama-3.1-8B-Instruct", "cpu", "local") not in MATRIX
 
 
+def test_no_model_name_in_code() -> None:
+    """No code of the workspace (tests aside) and no settings template treats a model by its
+    name: what a model needs (threads, logging steps, ...) is a field of its catalog entry."""
+    ids = {m["id"] for m in CATALOG}
+    for path in (REPO / "template").rglob("*.py"):
+        if "tests" in path.relative_to(REPO / "template").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in ids:
+                raise AssertionError(f"{path.relative_to(REPO)}:{node.lineno} names the model {node.value!r}")
+    settings = (REPO / "template" / "settings.toml.jinja").read_text("utf-8")
+    assert not [i for i in ids if f"'{i}'" in settings or f'"{i}"' in settings]
+
+
 @pytest.mark.parametrize(("model", "platform", "mode"), MATRIX, ids=["-".join(c) for c in MATRIX])
 def test_render(template_src: Path, tmp_path: Path, model: str, platform: str, mode: str) -> None:
     ws = render(template_src, tmp_path / "ws", model=model, platform=platform, mode=mode)
@@ -77,7 +93,14 @@ def test_render(template_src: Path, tmp_path: Path, model: str, platform: str, m
     config = olive_config(load_settings(ws / "settings.toml"), ws, "check")
     (finetune,) = config["passes"].values()
     assert finetune["type"] == ("LoRA" if platform == "cpu" else "QLoRA")
-    assert finetune["target_modules"] == next(m for m in CATALOG if m["id"] == model)["lora_targets"]
+    info = next(m for m in CATALOG if m["id"] == model)
+    assert finetune["target_modules"] == info["lora_targets"]
+    # What a model needs beyond the defaults comes from its catalog entry (test_no_model_name_in_code).
+    assert settings["model"]["threads"] == info.get("threads", 0)
+    for key, default in (("logging_steps", 10), ("save_steps", 100), ("eval_steps", 100)):
+        assert settings["train"][key] == info["finetune"].get(key, default), key
+    variant = ((info["onnx"] or {}).get("variants") or {}).get(platform, "")
+    assert settings["onnx"]["variant"] == variant and settings["onnx"]["repo"] == (info["onnx"] or {}).get("repo", "")
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

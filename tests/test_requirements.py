@@ -64,6 +64,13 @@ def test_copier_loads_versions_hidden(template_src: Path) -> None:
     question = config["versions"]
     assert question["when"] is False and question["type"] == "yaml"
     assert question["default"].strip() == "includes/versions.yml"
+    # The expressions the templates share are computed once, as hidden values, never repeated.
+    for name in ("pins", "cuda_files", "onnx_repo", "onnx_variant"):
+        assert config[name]["when"] is False, name
+    shared = ("versions is mapping", "platform != 'cpu' or mode != 'local'", "onnx.variants")
+    for path in [*(template_src / "template").rglob("*"), *(template_src / "includes").rglob("*.jinja")]:
+        text = path.name + (path.read_text("utf-8") if path.is_file() else "")
+        assert not [e for e in shared if e in text], f"{path.relative_to(template_src)} repeats a copier.yml value"
 
 
 # ---------------------------------------------------------------- requirements and conda
@@ -123,7 +130,7 @@ def test_bitsandbytes_wherever_torch_is() -> None:
     """QLoRA runs on CUDA and on the CPU: every environment with torch gets bitsandbytes."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO)), undefined=jinja2.StrictUndefined)
     macro = env.get_template("includes/requirements.jinja").module.pip_lines
-    assert "bitsandbytes==" in macro("cpu", [VERSIONS])
+    assert "bitsandbytes==" in macro("cpu", VERSIONS)
     assert "bitsandbytes==" in macro("cuda", VERSIONS)
     assert "torch==" not in macro("directml", VERSIONS) and "bitsandbytes" not in macro("directml", VERSIONS)
     assert "index" not in macro("cpu", VERSIONS) + macro("cuda", VERSIONS)

@@ -4,7 +4,6 @@ functions themselves)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, bare_workspace, run_py, set_train
+from conftest import PYTHON, bare_workspace, killed_at_swap, run_py, set_train
 from tuner.training import runs
 
 pytestmark = pytest.mark.slow
@@ -41,38 +40,24 @@ def test_torn_checkpoints_are_skipped_and_moved_aside(render_factory, tuned_work
     assert "Resuming from checkpoint-5" in again.stdout and "Adapter written to models/adapter" in again.stdout
 
 
-def publish_killed_halfway(adapter: Path) -> None:
-    """In a child process: publish a new adapter, killed between moving the old one aside and
-    putting the new one in place."""
-    new = adapter.with_name("adapter.tmp")
-    new.mkdir(parents=True)
-    (new / "adapter_config.json").write_text("new")
-    calls: list[Path] = []
-    real_replace = os.replace
-
-    def replace(src: Path, dst: Path) -> None:
-        calls.append(src)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_replace(src, dst)
-
-    runs.os.replace = replace  # type: ignore[assignment]  (the child's own copy of the module)
-    runs.publish(new, adapter)
-
-
 def test_kill_inside_publish_keeps_the_previous_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """publish_run killed between moving the old adapter aside and putting the new one in place:
+    the old one is kept aside, and the next run (start_run's recover_adapter) puts it back."""
     adapter = tmp_path / "models" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("old")
-    child = multiprocessing.get_context("fork").Process(target=publish_killed_halfway, args=(adapter,))
-    child.start()
-    child.join(60)
-    assert child.exitcode == -signal.SIGKILL
+    staging = adapter.with_name("adapter.tmp")
+    staging.mkdir()
+    (staging / "adapter_config.json").write_text("new")
+    killed_at_swap(adapter, lambda: runs.publish_run(staging, adapter, {"run": "abc"}, []))
     assert not adapter.exists() and (tmp_path / "models" / "adapter.previous" / "adapter_config.json").is_file()
-    # The next run repairs it before anything else: the previous adapter is back.
     runs.recover_adapter(adapter, tmp_path)
     assert "Restored the previous adapter in models/adapter" in capsys.readouterr().out
     assert (adapter / "adapter_config.json").read_text() == "old"
+    assert not (tmp_path / "models" / "adapter.previous").exists()
+    # Published again, the new adapter is the one in place, with its run record.
+    runs.publish_run(staging, adapter, {"run": "abc"}, [])
+    assert (adapter / "adapter_config.json").read_text() == "new" and (adapter / "run.json").is_file()
 
 
 def test_one_run_at_a_time_and_stale_locks_are_taken_over(

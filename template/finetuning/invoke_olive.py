@@ -74,8 +74,8 @@ def main() -> None:
     write_run_settings(settings, ROOT, run.fp)
 
     os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
-    if settings["model"]["id"] == "tiny-random":
-        torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
+    if settings["model"]["threads"]:  # 1 for tiny matrices: threads cost more than they save
+        torch.set_num_threads(settings["model"]["threads"])
     last = last_complete_checkpoint(run.checkpoints, ROOT)
     if last:
         print(f"Resuming from {last.name} in {run.checkpoints.relative_to(ROOT)}", flush=True)

@@ -81,8 +81,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer; ignored before
-    if settings["model"]["id"] == "tiny-random":
-        torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
+    if settings["model"]["threads"]:  # 1 for tiny matrices: threads cost more than they save
+        torch.set_num_threads(settings["model"]["threads"])
 
     # 2. The examples, tokenised as invoke_olive.py's are: input_ids, attention_mask, and labels that
     # are -100 outside the answers. TRL takes them as they are (skip_prepare_dataset: no chat

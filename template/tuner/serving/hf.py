@@ -93,8 +93,8 @@ class Engine(ChatEngine):
                 "pip install -r setup/requirements-*.txt (it is pinned there)"
             )
         self.device = precision.device_map
-        if settings["model"]["id"] == "tiny-random":
-            torch.set_num_threads(1)  # tiny matrices: threads cost more than they save
+        if settings["model"]["threads"]:  # 1 for tiny matrices: threads cost more than they save
+            torch.set_num_threads(settings["model"]["threads"])
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, **precision.load_kwargs())
         if not baseonly:

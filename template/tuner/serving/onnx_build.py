@@ -68,8 +68,8 @@ def build(model_dir: Path, out: Path, precision: str, provider: str, cache: Path
 @contextlib.contextmanager
 def lm_head_by_identity() -> Iterator[None]:
     """The builder takes every Linear layer with vocab_size outputs for the LM head. Where
-    another layer happens to have that width (tiny-random: gate_up_proj is 2 x 512 = 1024 =
-    its vocabulary), it emits a second head mid-network and the logits come out wrong. While
+    another layer happens to have that width (a small model whose gate_up_proj is 2 x 512 = 1024
+    wide, the size of its vocabulary), it emits a second head mid-network and the logits come out wrong. While
     building, accept only the model's own output embedding as the head."""
     import onnxruntime_genai.models.builder  # noqa: F401  (makes its `builders` modules importable)
 

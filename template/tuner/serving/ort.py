@@ -62,9 +62,9 @@ class OnnxEngine(ChatEngine):
 
         self.og = og
         config = og.Config(str(path))
-        if settings["model"]["id"] == "tiny-random":
-            # Tiny matrices: threads cost more than they save (as in the torch engine).
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}))
+        threads = settings["model"]["threads"]
+        if threads:  # [model] threads, as in the torch engine
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.model = og.Model(config)
         self.adapters = None
         if not baseonly:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.data import check_lengths, check_prompt, check_rows, load_rows, split_rows
+from tuner.files import recover_folder, replace_folder
 from tuner.hub import model_folder_problem
 from tuner.settings import CHECKPOINTS, MODELS, RUN_RECORD, RUNS, WorkspaceError, adapter_dir, in_workspace
 from tuner.training.precision import Device, Precision, decide
@@ -256,17 +257,6 @@ def start_over_reason(run: Run, root: Path, fresh: bool) -> str:
     return ""
 
 
-def publish(new: Path, adapter: Path) -> None:
-    """Put `new` in place of `adapter` by two renames, keeping the previous adapter until the
-    new one is in place; a kill between them is repaired by recover_adapter()."""
-    previous = adapter.with_name(adapter.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if adapter.exists():
-        os.replace(adapter, previous)
-    os.replace(new, adapter)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def publish_run(staging: Path, adapter: Path, record: dict[str, Any], log_history: list[dict[str, Any]]) -> str:
     """Add the record of what ran (run.json), the loss history and its plot to the adapter in
     `staging`, then publish it. Returns the loss summary to print ("" without a history)."""
@@ -275,15 +265,14 @@ def publish_run(staging: Path, adapter: Path, record: dict[str, Any], log_histor
     if log_history:
         (staging / "log_history.json").write_text(json.dumps(log_history, indent=1), "utf-8")
         plot_loss(log_history, staging / "loss.png")
-    publish(staging, adapter)
+    replace_folder(staging, adapter)
     losses = [h["loss"] for h in log_history if "loss" in h]
     return f"; train loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
 
 
 def recover_adapter(adapter: Path, root: Path) -> None:
-    previous = adapter.with_name(adapter.name + ".previous")
-    if previous.is_dir() and not adapter.exists():
-        os.replace(previous, adapter)
+    """Repair a publish stopped by a kill (see tuner.files)."""
+    if recover_folder(adapter):
         print(f"Restored the previous adapter in {adapter.relative_to(root)} (a run was stopped while publishing)")
 
 
