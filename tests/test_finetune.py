@@ -36,10 +36,16 @@ def test_finetune_writes_adapter_and_record(tuned_workspace: Path) -> None:
     losses = [h["loss"] for h in json.loads((adapter / "log_history.json").read_text()) if "loss" in h]
     assert len(losses) > 3 and losses[-1] < losses[0], losses
     log = (tuned_workspace / "finetune.log").read_text()
-    assert "'loss'" in log and "Adapter written to models/adapter" in log
+    assert "Adapter written to models/adapter" in log
+    # One progress bar with the loss, not Olive's log lines nor the Trainer's dicts: those are in
+    # the file named, in the run's folder.
+    assert "Fine-tuning: 100%" in log and "loss=" in log and "{'loss'" not in log
+    olive_log = log.split("Olive's log: ", 1)[1].split("\n", 1)[0]
+    assert olive_log.startswith("models/runs/") and "[INFO]" not in log
+    assert "Running fine-tuning" in (tuned_workspace / olive_log).read_text("utf-8")
     report = json.loads((adapter / "eval.json").read_text())
     assert report["held_out_rows"] == 42  # 10% of the 420 sample rows
-    for which in ("base", "tuned"):
+    for which in ("base", "prompted", "tuned"):
         assert set(report[which]) == {"exact_match", "mentioned", "answer_loss", "perplexity"}
     assert report["tuned"]["answer_loss"] < report["base"]["answer_loss"]
     assert "Held-out evaluation: 42 rows the model never trained on" in log and "expected:" in log

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CATALOG, MODES, PLATFORMS, REPO, invalid_combinations, render, render_matrix
-from tuner.training.olive import olive_config
 from tuner.settings import load_settings
 from tuner.training.olive import olive_config
 

@@ -96,6 +96,7 @@ def test_requirements_files(ws) -> None:
                 "bitsandbytes": VERSIONS["bitsandbytes"],
                 "jinja2": VERSIONS["jinja2"],
                 "vllm": VERSIONS["vllm"],
+                "lm-eval": VERSIONS["lm_eval"],
             }.get(req.name)
             for variants in VERSIONS["onnxruntime_genai"].values():
                 expected = expected or variants.get(req.name)
@@ -112,6 +113,10 @@ def test_requirements_files(ws) -> None:
         if name == "requirements-vllm.txt":
             # vLLM's own environment: its wheel brings its own torch and transformers.
             assert names == {"vllm"}  # vLLM serves a QLoRA adapter on the full-precision base
+            continue
+        if name == "requirements-benchmarks.txt":
+            # On top of the workspace's environment, only for --benchmarks: lm-eval alone.
+            assert names == {"lm-eval"}
             continue
         if name == "requirements-cuda.txt":
             assert names == COMMON | {"torch", "bitsandbytes", "onnxruntime-genai-cuda"}

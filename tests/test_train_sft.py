@@ -42,6 +42,8 @@ def train(ws: Path, *args: str, processes: int = 1) -> tuple[dict, float]:
     run = run_py(ws, *launch, "finetuning/train_sft.py", *common)
     seconds = time.monotonic() - start
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # One progress bar with the loss (the first process's), not the Trainer's lines of numbers.
+    assert f"Fine-tuning: 100%|██████████| {STEPS}/{STEPS}" in run.stderr and "{'loss'" not in run.stdout + run.stderr
     return load_file(ws / "models" / "adapter" / "adapter_model.safetensors"), seconds
 
 

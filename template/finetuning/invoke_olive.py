@@ -24,10 +24,11 @@ from typing import Any
 
 import tuner.data
 import tuner.training.olive
-from tuner.settings import Interrupted, run_script, script_parser, settings_for_script
+from tuner.settings import RUNS, Interrupted, in_workspace, run_script, script_parser, settings_for_script
 from tuner.training.evaluation import evaluate
 from tuner.training.olive import olive_config, write_run_settings
 from tuner.training.precision import trainable_4bit
+from tuner.training.progress import logs_to, trainer_progress
 from tuner.training.runs import (
     Run,
     RunError,
@@ -83,14 +84,17 @@ def main() -> None:
     else:
         print(f"Fine-tuning {settings['model']['id']} on {len(run.rows)} rows (run {run.fp})", flush=True)
 
-    # 2. Train. Olive prints progress and the loss as it goes.
+    # 2. Train, showing one progress bar; Olive's log goes to a file.
     from olive.workflows import run as olive_run
+
+    olive_log = in_workspace(ROOT, RUNS) / run.fp / "olive.log"
+    print(f"Olive's log: {olive_log.relative_to(ROOT)}", flush=True)
 
     # Olive creates the LoRA weights before the Trainer seeds itself: seed first with the
     # training seed, so the same answers give the same adapter (data_seed only splits/shuffles).
     torch.manual_seed(settings["train"]["seed"])
     try:
-        with trainable_4bit(run.precision):
+        with logs_to(olive_log), trainer_progress(), trainable_4bit(run.precision):
             olive_run(copy.deepcopy(config))  # Olive rewrites the dict it is given
         summary = publish_olive_output(run, config, staging)
     except KeyboardInterrupt:

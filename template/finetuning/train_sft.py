@@ -28,6 +28,7 @@ from tuner.data import tokenize
 from tuner.settings import Interrupted, in_workspace, run_script, script_parser, settings_for_script
 from tuner.training.evaluation import evaluate
 from tuner.training.precision import trainable_4bit
+from tuner.training.progress import trainer_progress
 from tuner.training.runs import (
     RunError,
     already_trained,
@@ -155,7 +156,7 @@ def main() -> None:
         )
         print(f"{start} (run {run.fp}, {world_size} process{'es' if world_size > 1 else ''})", flush=True)
 
-    # 3. Train. The Trainer prints progress and the loss as it goes.
+    # 3. Train, showing one progress bar (steps, loss, elapsed, time left).
     peft_config = LoraConfig(
         r=train["lora_r"],
         lora_alpha=train["lora_alpha"],
@@ -166,7 +167,7 @@ def main() -> None:
     # The LoRA weights are made before the Trainer seeds itself: seed first with the training seed,
     # as invoke_olive.py does, so that the seed decides them (data_seed only splits and shuffles).
     torch.manual_seed(train["seed"])
-    with trainable_4bit(precision):
+    with trainable_4bit(precision), trainer_progress():
         trainer = SFTTrainer(
             model=str(model_path),
             args=config,

@@ -8,7 +8,9 @@ Three layers, each importing only the ones above it:
     hub          model downloads from the Hugging Face Hub, the offline copy
 
     training/    precision (dtype, 4-bit, device map), olive (Olive's config), runs (lock,
-                 fingerprint, checkpoints, publishing, the trainer arguments), evaluation
+                 fingerprint, checkpoints, publishing, the trainer arguments), progress (the
+                 progress bar, Olive's log to a file), evaluation (base / prompted / tuned),
+                 benchmarks (lm-evaluation-harness before and after)
     serving/     load_engine, engine (the chat engine base), hf (transformers + peft), ort
                  (onnxruntime-genai), upstream (an OpenAI-compatible server), vllm, api (the
                  routes and the page), onnx_build (the ONNX export)

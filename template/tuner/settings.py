@@ -336,6 +336,12 @@ class OnnxSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    # The "base, prompted" row: the base model shown this many training rows as example turns.
+    prompt_examples: int = setting(6, Range(0, 64))
+
+
+@dataclass(frozen=True, kw_only=True)
 class AzureSettings:
     subscription: str = setting("")  # "": the Azure CLI's current one
     resource_group: str = setting(rule=TEXT)
@@ -352,6 +358,7 @@ SECTIONS: dict[str, type] = {
     "chat": ChatSettings,
     "serve": ServeSettings,
     "onnx": OnnxSettings,
+    "eval": EvalSettings,
     "azure": AzureSettings,
 }
 OPTIONAL = {"azure"}  # only workspaces rendered for Azure have it
@@ -385,8 +392,8 @@ def _checked(settings: dict[str, Any], where: Where) -> dict[str, Any]:
             )
     checked = {}
     for name in SECTIONS:
-        if name in settings:
-            checked[name] = _checked_table(name, settings[name], where)
+        if name in settings or all(f.default is not MISSING for f in fields(SECTIONS[name])):
+            checked[name] = _checked_table(name, settings.get(name, {}), where)  # a table of defaults
         elif name not in OPTIONAL:
             raise SettingsError(f"{where(None, None)}: the [{name}] table is missing")
     return checked

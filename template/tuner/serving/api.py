@@ -176,12 +176,17 @@ def evaluation_summary(adapter: Path) -> str:
     try:
         report = json.loads((adapter / "eval.json").read_text("utf-8"))
         base, tuned = report["base"], report["tuned"]
+        prompted = report.get("prompted")  # absent for chat datasets and older eval.json files
         if "exact_match" in tuned:
-            base_em, tuned_em = 100 * base["exact_match"], 100 * tuned["exact_match"]
-            result = f"exact match {base_em:.1f} % (base) → {tuned_em:.1f} % (fine-tuned)"
+            middle = f", {100 * prompted['exact_match']:.1f} % (base, prompted)" if prompted else ""
+            result = (
+                f"exact match {100 * base['exact_match']:.1f} % (base){middle} → "
+                f"{100 * tuned['exact_match']:.1f} % (fine-tuned)"
+            )
         else:
             result = f"perplexity {base['perplexity']:.2f} (base) → {tuned['perplexity']:.2f} (fine-tuned)"
-        return f"Held-out evaluation on {report['held_out_rows']} rows it never trained on: {result}."
+        paid = "" if report.get("fine_tuning_paid", True) else " Fine-tuning did not pay on this data."
+        return f"Held-out evaluation on {report['held_out_rows']} rows it never trained on: {result}.{paid}"
     except (OSError, ValueError, KeyError, TypeError):
         return "No held-out evaluation yet (python finetuning/evaluate_adapter.py writes one)."
 

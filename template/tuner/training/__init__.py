@@ -1,1 +1,2 @@
-"""Fine-tuning: the precision policy, the Olive config, a run's bookkeeping, the held-out evaluation."""
+"""Fine-tuning: the precision policy, the Olive config, a run's bookkeeping, its progress bar, the
+held-out evaluation and the general-ability benchmarks."""
