@@ -7,7 +7,7 @@ Renders a workspace (SmolLM2-135M-Instruct on CPU, the sample dataset), gets the
 copy when the Hub is unreachable), then for each seed i runs the workspace's own
 `finetuning/invoke_olive.py --fresh` with seed = data_seed = i: a new LoRA initialisation, a new
 shuffle and a new held-out split every time. Reads the adapter's eval.json and prints per-seed
-held-out exact match (base and tuned), then mean and min. --set is passed on to invoke_olive.py
+held-out exact match (base, base prompted, tuned), then mean and min. --set is passed on to invoke_olive.py
 (a [train] setting; the defaults in includes/models.yml were chosen with this bench).
 """
 
@@ -51,7 +51,8 @@ def main() -> None:
     print(f"model ready in {time.perf_counter() - start:.0f} s; workspace {ws}; overrides {overrides}", flush=True)
 
     results = []
-    print(f"{'seed':>4} {'base EM':>8} {'tuned EM':>9} {'mentioned':>10} {'train s':>8} {'total s':>8}", flush=True)
+    header = f"{'seed':>4} {'base EM':>8} {'prompted EM':>12} {'tuned EM':>9} {'mentioned':>10} {'train s':>8}"
+    print(f"{header} {'total s':>8}", flush=True)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         seeds = ["--set", f"train.seed={seed}", "--set", f"train.data_seed={seed}"]
         start = time.perf_counter()
@@ -60,14 +61,18 @@ def main() -> None:
         total = time.perf_counter() - start
         if run.returncode != 0:
             sys.exit(f"seed {seed} failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
-        found = re.search(r"Pass finetune:\S+ finished in ([\d.]+) seconds", run.stdout + run.stderr)
+        # Olive's log, with the pass's time, is in the run's folder (the newest olive.log).
+        logs = sorted((ws / "models" / "runs").glob("*/olive.log"), key=lambda p: p.stat().st_mtime)
+        olive_log = logs[-1].read_text("utf-8", "replace") if logs else ""
+        found = re.search(r"Pass finetune:\S+ finished in ([\d.]+) seconds", run.stdout + run.stderr + olive_log)
         train = float(found.group(1)) if found else float("nan")
         report = json.loads((ws / "models" / "adapter" / "eval.json").read_text("utf-8"))
         base, tuned = report["base"], report["tuned"]
+        prompted = report.get("prompted", {}).get("exact_match", float("nan"))
         results.append((tuned["exact_match"], train))
         print(
-            f"{seed:>4} {base['exact_match']:>8.1%} {tuned['exact_match']:>9.1%} {tuned['mentioned']:>10.1%}"
-            f" {train:>8.0f} {total:>8.0f}",
+            f"{seed:>4} {base['exact_match']:>8.1%} {prompted:>12.1%} {tuned['exact_match']:>9.1%}"
+            f" {tuned['mentioned']:>10.1%} {train:>8.0f} {total:>8.0f}",
             flush=True,
         )
     accuracies = [a for a, _ in results]
