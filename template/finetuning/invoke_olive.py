@@ -28,7 +28,6 @@ from tuner.settings import RUNS, Interrupted, in_workspace, run_script, script_p
 from tuner.training.evaluation import evaluate
 from tuner.training.olive import olive_config, write_run_settings
 from tuner.training.precision import trainable_4bit
-from tuner.training.progress import logs_to, trainer_progress
 from tuner.training.runs import (
     Run,
     RunError,
@@ -86,6 +85,8 @@ def main() -> None:
 
     # 2. Train, showing one progress bar; Olive's log goes to a file.
     from olive.workflows import run as olive_run
+
+    from tuner.training.progress import logs_to, trainer_progress  # imports transformers: after the checks
 
     olive_log = in_workspace(ROOT, RUNS) / run.fp / "olive.log"
     print(f"Olive's log: {olive_log.relative_to(ROOT)}", flush=True)

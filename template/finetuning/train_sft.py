@@ -28,7 +28,6 @@ from tuner.data import tokenize
 from tuner.settings import Interrupted, in_workspace, run_script, script_parser, settings_for_script
 from tuner.training.evaluation import evaluate
 from tuner.training.precision import trainable_4bit
-from tuner.training.progress import trainer_progress
 from tuner.training.runs import (
     RunError,
     already_trained,
@@ -157,6 +156,8 @@ def main() -> None:
         print(f"{start} (run {run.fp}, {world_size} process{'es' if world_size > 1 else ''})", flush=True)
 
     # 3. Train, showing one progress bar (steps, loss, elapsed, time left).
+    from tuner.training.progress import trainer_progress
+
     peft_config = LoraConfig(
         r=train["lora_r"],
         lora_alpha=train["lora_alpha"],
