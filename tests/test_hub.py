@@ -161,7 +161,7 @@ def offline_copy(dest: Path, marker: str) -> None:
 
 
 SMOL_MODEL = {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "hf_repo": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-SMOL_MODEL |= {"revision": "main", "gated": False, "offline_gguf": "m/model.gguf"}
+SMOL_MODEL |= {"revision": "main", "gated": False, "offline_wheel": "", "offline_gguf": "m/model.gguf"}
 
 
 def test_download_killed_at_the_swap_keeps_the_previous_model(

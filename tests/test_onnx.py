@@ -251,7 +251,8 @@ def test_baseonly_falls_back_to_the_downloaded_model(exported: Path, tmp_path: P
     (variant / "adapter.onnx_adapter").unlink()
     settings_path = ws / "settings.toml"
     text = re.sub(r"(?m)^\[onnx\]\n(?:(?!\[).*\n?)*", "", settings_path.read_text("utf-8"))  # drop [onnx]
-    settings_path.write_text(text + '\n[onnx]\nrepo = "example/tiny-onnx"\nvariant = "cpu/cpu-int4"\n', "utf-8")
+    onnx = '[onnx]\nrepo = "example/tiny-onnx"\nvariant = "cpu/cpu-int4"\npath = "model-cache/onnx/example/tiny-onnx"\n'
+    settings_path.write_text(text + "\n" + onnx, "utf-8")
     settings, root = in_workspace(ws)
     engine = OnnxEngine(settings, root, baseonly=True)
     stats: dict = {}
@@ -300,7 +301,7 @@ def fake_builder(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path, str], None]
 
     def export(ws: Path, text: str) -> None:
         marker[0] = text
-        runpy.run_path(str(ws / "inference" / "export_onnx.py"), run_name="__main__")
+        runpy.run_path(str(ws / "inference" / "export_onnx.py"))["main"]()  # main(), not run_script's exit
 
     return export
 
