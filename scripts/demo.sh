@@ -6,6 +6,7 @@
 # Python 3.11+ and PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
 PYTHON=${PYTHON:-python3}
 DEST=${1:-demo}
 PHRASE="The leftovers at the back of the fridge have grown green fur."
@@ -22,7 +23,7 @@ rm -rf "$DEST"
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -e "$DEST"  # its package, tuner/
 lap installs
 cd "$DEST"
-PY=../.venv/bin/python
+PY="$REPO/.venv/bin/python"  # DEST may be anywhere, absolute or relative
 $PY setup/download_model.py 2>&1 | grep -vE "it/s\]|s/it\]|Location .* is ignored" || true
 test -f model-cache/HuggingFaceTB/SmolLM2-135M-Instruct/config.json
 lap "download/convert"
