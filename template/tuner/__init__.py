@@ -14,6 +14,8 @@ Three layers, each importing only the ones above it:
     serving/     load_engine, engine (the chat engine base), hf (transformers + peft), ort
                  (onnxruntime-genai), upstream (an OpenAI-compatible server), vllm, api (the
                  routes and the page), onnx_build (the ONNX export)
+    export/      the exports of the fine-tuned model (merged, GGUF, Ollama, ONNX, the adapter), each
+                 checked on the held-out rows; the model card and the push to the Hub
     cloud/       az (the Azure CLI), containerapps, azureml: the standard library only
 
 Nothing here reads a file or touches the environment when imported: every function takes the

@@ -36,6 +36,7 @@ RUN_RECORD = "run.json"  # beside the adapter: the settings it was trained with
 # settings.toml's platform -> onnxruntime-genai execution provider.
 PROVIDERS = {"cuda": "cuda", "windows-gpu": "dml", "cpu": "cpu"}
 ONNX_PRECISIONS = ("int4", "fp16", "fp32")  # what inference/export_onnx.py builds
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")  # what inference/export.py --format gguf writes
 
 
 class WorkspaceError(Exception):
@@ -336,6 +337,13 @@ class OnnxSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportSettings:
+    # Each export in its own folder, named by format (and type): <output_dir>/gguf-q8_0/ ...
+    output_dir: str = setting("models/exports", TEXT)
+    quantize: str = setting("q8_0", Choice(GGUF_TYPES))  # GGUF (llama.cpp, Ollama)
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalSettings:
     # The "base, prompted" row: the base model shown this many training rows as example turns.
     prompt_examples: int = setting(6, Range(0, 64))
@@ -358,6 +366,7 @@ SECTIONS: dict[str, type] = {
     "chat": ChatSettings,
     "serve": ServeSettings,
     "onnx": OnnxSettings,
+    "export": ExportSettings,
     "eval": EvalSettings,
     "azure": AzureSettings,
 }
