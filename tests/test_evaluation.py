@@ -175,3 +175,27 @@ def test_prompted_base_on_smollm2_is_reproducible_and_never_sees_a_held_out_row(
     assert reports[1]["prompted_with"] == shown and reports[1]["prompted"] == report["prompted"]
     assert [e["prompted"] for e in reports[1]["examples"]] == [e["prompted"] for e in report["examples"]]
     assert "base, prompted" in logs[0] and "training rows as examples" in logs[0]
+
+
+def test_answer_loss_in_batches_equals_one_row_at_a_time(tiny_built: Path) -> None:
+    """The loss is computed BATCH_SIZE rows at a time (right-padded): the same mean per answer token
+    as row by row, with and without last_only (the prompted base's example answers not scored)."""
+    from tuner.training import evaluation
+    from tuner.training.evaluation import answer_loss, few_shot, load_model, prompted
+
+    settings = load_settings(tiny_built / "settings.toml")
+    train, held_out = split_rows(load_rows(settings, tiny_built), 0.2, 7)
+    labels, examples = few_shot(train, settings)
+    model, tokenizer = load_model(settings, tiny_built / settings["model"]["path"])
+    chats = [prompted(row, settings, labels, examples[:2]) for row in held_out[:20]]  # lengths differ
+    for last_only in (False, True):
+        batched = answer_loss(model, tokenizer, chats, 1_000_000, last_only)
+        evaluation.BATCH_SIZE, saved = 1, evaluation.BATCH_SIZE
+        try:
+            one_by_one = answer_loss(model, tokenizer, chats, 1_000_000, last_only)
+        finally:
+            evaluation.BATCH_SIZE = saved
+        assert batched == pytest.approx(one_by_one, rel=1e-4)
+    assert answer_loss(model, tokenizer, chats, 1_000_000, True) != pytest.approx(
+        answer_loss(model, tokenizer, chats, 1_000_000, False), rel=1e-3
+    )

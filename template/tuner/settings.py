@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -62,6 +63,10 @@ def run_script(main: Callable[[], int | None]) -> NoReturn:
     a bad dataset), Ctrl-C is exit code 130; never a traceback for either. Under a launcher
     (torchrun), where every process fails alike, only the first process of each machine says it."""
     say = os.environ.get("LOCAL_RANK", "0") == "0"
+    # On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a 4-bit kernel from the Hub and
+    # logs a warning when it cannot; bitsandbytes then uses its own kernel, so the line is only noise
+    # (and it would stand before a script's one-line error).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
     try:
         code = main()
     except WorkspaceError as err:

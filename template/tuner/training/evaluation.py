@@ -112,25 +112,35 @@ def answer_loss(
     done: Progress = int,
 ) -> float:
     """Mean loss per answer token (labels on the assistant turns only, as in training; with
-    last_only, on the last one only: the example answers of a prompt are not scored)."""
+    last_only, on the last one only: the example answers of a prompt are not scored), BATCH_SIZE
+    conversations at a time."""
     import torch
 
-    total, count = 0.0, 0
+    examples = []
     for messages in conversations:
         example = encode(tokenizer, messages, max_seq_len)
-        labels = example["labels"]
         if last_only:
             text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
             asked = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            labels = [IGNORE_INDEX] * min(asked, len(labels)) + labels[asked:]
-        done(1)
-        n = sum(label != IGNORE_INDEX for label in labels[1:])  # the first token predicts nothing
-        if n == 0:
-            continue
-        ids = torch.tensor([example["input_ids"]], device=model.device)
+            example["labels"] = [IGNORE_INDEX] * min(asked, len(example["labels"])) + example["labels"][asked:]
+        examples.append(example)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), BATCH_SIZE):
+        batch = examples[start : start + BATCH_SIZE]
+        # Padded on the right: a causal model never looks ahead, and the pads carry no labels.
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in batch])
+        labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in batch])
+        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in batch])
         with torch.no_grad():
-            loss = model(input_ids=ids, labels=torch.tensor([labels], device=model.device)).loss
-        total, count = total + loss.item() * n, count + n
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        # Token t predicts token t + 1; summed here, divided once by every answer token at the end.
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device), reduction="sum"
+        )
+        total += losses.item()
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        done(len(batch))
     return total / max(count, 1)
 
 
