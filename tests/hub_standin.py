@@ -14,10 +14,17 @@ Endpoints (as huggingface_hub's hf_api.py, _commit_api.py and lfs.py call them):
 Every API call must carry `Authorization: Bearer <token>` (401 otherwise; 403 for a namespace the
 token may not write to; 404 for a repo that does not exist), as the Hub answers.
 
-Xet: huggingface_hub uploads large files through Xet whenever hf_xet is installed; it does not ask
-the server. This stand-in speaks the LFS protocol only, which the Hub still accepts from clients
-without Xet, so the test runs the push with HF_HUB_DISABLE_XET=1 (huggingface_hub's documented
-switch), and the large files go through the LFS batch API above.
+And Xet, which huggingface_hub uses for large files whenever hf_xet is installed (it does not ask
+the server first): the token endpoint of the Hub and the CAS service the token points at, as the
+Xet protocol specification describes them (huggingface.co/docs/xet: auth, api, xorb, shard):
+  GET  /api/models/{repo}/xet-write-token/{revision}       {accessToken, exp, casUrl}
+  POST /v1/xorbs/default/{hash}                            a serialized xorb: its chunks
+  POST /v1/shards                                          the files, as terms over xorb chunks
+  GET  /v1/chunks/default/{hash}                           global dedupe: 404, nothing known
+(the newer /v2/shards and /v1/xorb-grants answer 404, and the client falls back to the above). The
+stand-in rebuilds each file from its terms (LZ4 and byte-grouped LZ4 chunks decoded here) and
+checks it against the sha256 the shard gives, which is the LFS oid the commit then names. With
+HF_HUB_DISABLE_XET=1 the same push goes through the LFS batch API instead.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import base64
 import hashlib
 import json
 import re
+import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -53,7 +62,10 @@ class Hub:
     token: str
     orgs: tuple[str, ...] = ()  # namespaces besides USER the token may write to
     repos: dict[str, Repo] = field(default_factory=dict)
-    lfs: dict[str, bytes] = field(default_factory=dict)  # sha256 -> bytes, once PUT
+    lfs: dict[str, bytes] = field(default_factory=dict)  # sha256 -> bytes, once PUT (or rebuilt from Xet)
+    xorbs: dict[str, list[bytes]] = field(default_factory=dict)  # xorb hash -> its chunks, decoded
+    xet_token: str = "xet-standin-access"
+    xet: bool = True  # False: a Hub without Xet storage (its token endpoint is not there)
     requests: list[tuple[str, str, bool]] = field(default_factory=list)  # method, path, authorized
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -125,8 +137,16 @@ class Handler(BaseHTTPRequestHandler):
             with self.hub.lock:
                 self.hub.requests.append((method, path, True))
             return self.reply(200, {"standardEnvVars": [], "harnesses": {}})
+        if path.startswith(("/v1/", "/v2/")):  # the Xet CAS service (casUrl is this server too)
+            return self.cas(method, path, data)
         if not self.authorized():
             return self.reply(401, error="Invalid credentials in Authorization header")
+        xet = re.fullmatch(r"/api/models/([^/]+/[^/]+)/xet-write-token/[^/]+", path)
+        if method == "GET" and xet and self.hub.xet:
+            if self.repo(xet.group(1)) is not None:
+                grant = {"accessToken": self.hub.xet_token, "exp": int(time.time()) + 3600, "casUrl": self.base}
+                self.reply(200, grant)
+            return
         routes = [
             ("POST", r"/api/repos/create", self.create_repo),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
@@ -240,6 +260,156 @@ class Handler(BaseHTTPRequestHandler):
             target.commits.append({"summary": lines[0]["value"]["summary"], "paths": sorted(changes), "oid": oid})
         self.reply(200, {"success": True, "commitOid": oid, "commitUrl": f"{self.base}/{repo}/commit/{oid}"})
 
+    # ------------------------------------------------------------------ Xet CAS
+
+    def cas(self, method: str, path: str, data: bytes) -> None:
+        ok = self.headers.get("Authorization") == f"Bearer {self.hub.xet_token}"
+        with self.hub.lock:
+            self.hub.requests.append((method, path, ok))
+        if not ok:
+            return self.reply(401, error="invalid Xet token")
+        if method == "POST" and (m := re.fullmatch(r"/v1/xorbs/default/([0-9a-f]{64})", path)):
+            try:
+                chunks = xorb_chunks(data)
+            except (ValueError, IndexError) as err:
+                return self.reply(400, error=f"malformed xorb: {err}")
+            with self.hub.lock:
+                inserted = m.group(1) not in self.hub.xorbs
+                self.hub.xorbs[m.group(1)] = chunks
+            return self.reply(200, {"was_inserted": inserted})
+        if method == "POST" and path == "/v1/shards":
+            try:
+                files = shard_files(data)
+                with self.hub.lock:
+                    for sha256, terms in files:
+                        rebuilt = b"".join(term(self.hub.xorbs, *t) for t in terms)
+                        if hashlib.sha256(rebuilt).hexdigest() != sha256:
+                            raise ValueError("a file rebuilt from its terms does not match its sha256")
+                        self.hub.lfs[sha256] = rebuilt
+            except (ValueError, IndexError, KeyError) as err:
+                return self.reply(400, error=f"shard refused: {err}")
+            return self.reply(200, {"result": 1})
+        if method == "POST" and path == "/v1/telemetry":
+            return self.reply(200, {})
+        self.reply(404, error=f"no CAS route {method} {path}")  # /v2/shards, /v1/xorb-grants, dedupe
+
+
+def hash_key(raw: bytes) -> str:
+    """A Xet hash as the API writes it: each 8-byte part as a little-endian u64, in hex."""
+    return "".join(f"{int.from_bytes(raw[i : i + 8], 'little'):016x}" for i in range(0, 32, 8))
+
+
+def term(xorbs: dict[str, list[bytes]], xorb: str, start: int, end: int, size: int) -> bytes:
+    data = b"".join(xorbs[xorb][start:end])
+    if len(data) != size:
+        raise ValueError(f"term of xorb {xorb} is {len(data)} bytes, the shard says {size}")
+    return data
+
+
+def shard_files(data: bytes) -> list[tuple[str, list[tuple[str, int, int, int]]]]:
+    """The File Info section of a shard: (sha256, [(xorb, first chunk, end chunk, bytes)]) per file."""
+    if int.from_bytes(data[32:40], "little") != 2:
+        raise ValueError("shard header version is not 2")
+    files, at = [], 48
+    while data[at : at + 32] != b"\xff" * 32:  # the bookend ends the section
+        flags, count = struct.unpack_from("<II", data, at + 32)
+        at += 48
+        terms = []
+        for _ in range(count):
+            _, size, start, end = struct.unpack_from("<IIII", data, at + 32)
+            terms.append((hash_key(data[at : at + 32]), start, end, size))
+            at += 48
+        if flags & 1 << 31:  # verification entries: one per term
+            at += 48 * count
+        if not flags & 1 << 30:
+            raise ValueError("a file without its sha256 (metadata extension): the Hub needs it for git")
+        files.append((hash_key(data[at : at + 32]), terms))  # the sha256, written as Xet writes hashes
+        at += 48
+    return files
+
+
+def xorb_chunks(data: bytes) -> list[bytes]:
+    """The chunks of a serialized xorb, decompressed. The client may send it with its footer (its
+    length is the last 4 bytes) or without: the chunks run to the footer or to the end."""
+    info = int.from_bytes(data[-4:], "little")
+    footer = len(data) - 4 - info if 0 < info < len(data) - 4 else -1
+    chunks, at = [], 0
+    while at not in (len(data), footer):
+        version, packed, scheme, size = data[at], data[at + 1 : at + 4], data[at + 4], data[at + 5 : at + 8]
+        if version != 0:
+            raise ValueError(f"chunk header version {version}")
+        packed_len, size_len = int.from_bytes(packed, "little"), int.from_bytes(size, "little")
+        body = data[at + 8 : at + 8 + packed_len]
+        at += 8 + packed_len
+        if scheme == 0:
+            chunk = body
+        elif scheme in (1, 2):
+            chunk = lz4_decompress(body)
+            if scheme == 2:  # byte grouping: 4 groups of every 4th byte, to be interleaved again
+                grouped, chunk, pos = chunk, bytearray(len(chunk)), 0
+                for g in range(4):
+                    n = len(grouped) // 4 + (g < len(grouped) % 4)
+                    chunk[g::4] = grouped[pos : pos + n]
+                    pos += n
+        else:
+            raise ValueError(f"unknown compression scheme {scheme}")
+        if len(chunk) != size_len:
+            raise ValueError("chunk size differs from its header")
+        chunks.append(bytes(chunk))
+    return chunks
+
+
+def lz4_decompress(data: bytes) -> bytes:
+    """LZ4: a frame (magic 04 22 4D 18) of blocks, or a bare block."""
+    out = bytearray()
+    if data[:4] != b"\x04\x22\x4d\x18":
+        lz4_block(data, out)
+        return bytes(out)
+    flags = data[4]
+    at = 6 + (8 if flags & 0x08 else 0) + (4 if flags & 0x01 else 0) + 1  # FLG BD [size] [dict] HC
+    while True:
+        size = int.from_bytes(data[at : at + 4], "little")
+        at += 4
+        if size == 0:
+            return bytes(out)
+        block = data[at : at + (size & 0x7FFFFFFF)]
+        at += (size & 0x7FFFFFFF) + (4 if flags & 0x10 else 0)
+        if size & 0x80000000:
+            out += block  # stored uncompressed
+        else:
+            lz4_block(block, out)  # may refer back into earlier blocks: one output buffer
+
+
+def lz4_block(src: bytes, out: bytearray) -> None:
+    """One LZ4 block, appended to out: literals, then (offset, length) copies of earlier output."""
+    at = 0
+    while at < len(src):
+        token = src[at]
+        at += 1
+        length = token >> 4
+        if length == 15:
+            while src[at] == 255:
+                length, at = length + 255, at + 1
+            length, at = length + src[at], at + 1
+        out += src[at : at + length]
+        at += length
+        if at >= len(src):
+            return  # the last sequence has literals only
+        offset = src[at] | src[at + 1] << 8
+        at += 2
+        length = token & 15
+        if length == 15:
+            while src[at] == 255:
+                length, at = length + 255, at + 1
+            length, at = length + src[at], at + 1
+        length += 4
+        start = len(out) - offset
+        if offset >= length:
+            out += out[start : start + length]
+        else:  # overlapping: a run that repeats what it copies
+            for i in range(length):
+                out.append(out[start + i])
+
 
 def metadata_errors(readme: str) -> list[str]:
     """What the Hub's validator says of a model card's YAML metadata: the parts it checks that the
@@ -280,8 +450,8 @@ class HubStandIn:
     """The stand-in, serving on 127.0.0.1 in a thread: `with HubStandIn(token) as standin:`, then
     HF_ENDPOINT=standin.url; what arrived is in standin.hub."""
 
-    def __init__(self, token: str, orgs: tuple[str, ...] = ()) -> None:
-        self.hub = Hub(token=token, orgs=orgs)
+    def __init__(self, token: str, orgs: tuple[str, ...] = (), xet: bool = True) -> None:
+        self.hub = Hub(token=token, orgs=orgs, xet=xet)
         handler = type("BoundHandler", (Handler,), {"hub": self.hub})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -1,8 +1,9 @@
 """tuner/export/publish.py and card.py: an export pushed to a local stand-in for the Hugging Face
 Hub's HTTP API (tests/hub_standin.py; huggingface_hub itself runs unchanged, HF_ENDPOINT pointed at
-the stand-in) arrives byte for byte with its model card as README.md; a bad token, a namespace the
-token may not write to, an unreachable Hub and a missing HF_TOKEN are each one line and exit code 1
-through the workspace's error path (run_script); the card parses with huggingface_hub's own
+the stand-in) arrives byte for byte with its model card as README.md, its large files through Xet
+storage (the default) and through Git LFS (HF_HUB_DISABLE_XET=1); a bad token, a namespace the
+token may not write to, an unreachable Hub, offline mode, a Hub without Xet and a missing HF_TOKEN
+are each one line and exit code 1 through the workspace's error path (run_script); the card parses with huggingface_hub's own
 ModelCard and model-index parser, with the figures of a real fine-tune's eval.json."""
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, free_port
 from hub_standin import LFS_MIN_SIZE, USER, HubStandIn
 from huggingface_hub import ModelCard
+from safetensors.numpy import save_file
 from tuner.settings import load_settings
 
 TOKEN = "hf_standin_secret_token_0123456789"
@@ -41,14 +44,19 @@ def run_push(
     endpoint: str,
     token: str | None = TOKEN,
     card: str = CARD,
-    private=False,
+    private: bool = False,
+    xet: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """The push in a process of its own, as a user runs it: huggingface_hub reads HF_ENDPOINT (and
+    HF_HUB_DISABLE_XET, with xet=False: large files through Git LFS) when it is imported."""
     card_file = tmp_path / "card.md"
     card_file.write_text(card, "utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    # The stand-in speaks LFS, not Xet (see hub_standin.py): huggingface_hub's own switch.
-    env |= {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": str(REPO / "template")}
-    env |= {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))} | (env or {})
+    env |= {"HF_ENDPOINT": endpoint, "PYTHONPATH": str(REPO / "template"), "HF_HOME": str(tmp_path / "hf-home")}
+    env |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "1"}
+    if not xet:
+        env["HF_HUB_DISABLE_XET"] = "1"
     if token is not None:
         env["HF_TOKEN"] = token
     args = [str(folder), repo_id, str(card_file), "private" if private else "public"]
@@ -65,15 +73,24 @@ def export_folder(tmp_path: Path) -> Path:
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}), "utf-8")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}), "utf-8")
     (folder / "nested" / "notes.txt").write_text("héllo\n", "utf-8")
-    (folder / "model.safetensors").write_bytes(os.urandom(LFS_MIN_SIZE + 12345))
+    # Weights as a fine-tune leaves them (float32: byte-grouped LZ4 in Xet), zeros (LZ4) and noise
+    # (stored as it is), past the size from which the Hub puts any file in LFS.
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.normal(0, 0.02, LFS_MIN_SIZE // 4).astype(np.float32), "zeros": np.zeros(50_000, np.float32)}
+    weights["noise"] = np.frombuffer(os.urandom(400_000), np.uint8)
+    save_file(weights, str(folder / "model.safetensors"))
+    # Text that LZ4 compresses well, under a name the Hub keeps in LFS whatever its size.
+    words = [f"▁word{i % 997}" for i in range(40_000)]
+    (folder / "tokenizer.model").write_bytes(json.dumps(dict(enumerate(words))).encode())
     (folder / "README.md").write_text("an old card, replaced by the new one", "utf-8")
     return folder
 
 
-def test_push_arrives_byte_for_byte_with_the_card_as_readme(tmp_path: Path) -> None:
+@pytest.mark.parametrize("xet", [True, False], ids=["xet", "lfs"])
+def test_push_arrives_byte_for_byte_with_the_card_as_readme(tmp_path: Path, xet: bool) -> None:
     folder = export_folder(tmp_path)
     with HubStandIn(TOKEN) as standin:
-        done = run_push(tmp_path, folder, f"{USER}/my-model", standin.url, private=True)
+        done = run_push(tmp_path, folder, f"{USER}/my-model", standin.url, private=True, xet=xet)
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stdout.strip().splitlines()[-1] == f"{standin.url}/{USER}/my-model"
         repo = standin.hub.repos[f"{USER}/my-model"]
@@ -82,15 +99,18 @@ def test_push_arrives_byte_for_byte_with_the_card_as_readme(tmp_path: Path) -> N
         sent["README.md"] = CARD.encode()
         assert {k: v for k, v in repo.files.items() if k != ".gitattributes"} == sent
         assert len(repo.commits) == 1 and repo.commits[0]["paths"] == sorted(sent)  # one commit, the card in it
-        # The weights went through the LFS batch API and the storage URL, not inline in the commit.
-        weights = (folder / "model.safetensors").read_bytes()
-        assert list(standin.hub.lfs.values()) == [weights]
-        assert any(method == "PUT" and path.startswith("/lfs-objects/") for method, path, _ in standin.hub.requests)
-        assert all(ok for _, _, ok in standin.hub.requests)  # every API call carried the token
+        # The weights went to Xet storage (xorbs and a shard) or through the LFS batch API, never
+        # inline in the commit, which names them by sha256.
+        large = [(folder / name).read_bytes() for name in ("model.safetensors", "tokenizer.model")]
+        assert sorted(standin.hub.lfs.values()) == sorted(large)
+        paths = [path for _, path, _ in standin.hub.requests]
+        assert (len(standin.hub.xorbs) > 0) is xet and ("/v1/shards" in paths) is xet
+        assert any(path.startswith("/lfs-objects/") for path in paths) is not xet
+        assert all(ok for _, _, ok in standin.hub.requests)  # every call carried the token (or the Xet one)
 
         # Pushed again (the repo exists: exist_ok), a changed file replaces the old one.
         (folder / "config.json").write_text(json.dumps({"model_type": "llama", "changed": True}), "utf-8")
-        again = run_push(tmp_path, folder, f"{USER}/my-model", standin.url, card=CARD + "v2\n")
+        again = run_push(tmp_path, folder, f"{USER}/my-model", standin.url, card=CARD + "v2\n", xet=xet)
         assert again.returncode == 0, again.stdout + again.stderr
         assert repo.files["config.json"] == (folder / "config.json").read_bytes()
         assert repo.files["README.md"] == (CARD + "v2\n").encode() and len(repo.commits) == 2
@@ -132,6 +152,23 @@ def test_an_unreachable_hub_is_one_line(tmp_path: Path) -> None:
     done = run_push(tmp_path, export_folder(tmp_path), f"{USER}/my-model", f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: cannot reach the Hub at http://127.0.0.1:")
+
+
+def test_offline_mode_is_one_line(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1 (set for the download scripts, say) stops the push before it starts."""
+    with HubStandIn(TOKEN) as standin:
+        done = run_push(tmp_path, export_folder(tmp_path), f"{USER}/m", standin.url, env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: cannot push to the Hub while HF_HUB_OFFLINE is set")
+    assert [path for _, path, _ in standin.hub.requests] == []
+
+
+def test_a_hub_without_xet_says_how_to_push_through_lfs(tmp_path: Path) -> None:
+    with HubStandIn(TOKEN, xet=False) as standin:
+        done = run_push(tmp_path, export_folder(tmp_path), f"{USER}/m", standin.url)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: cannot reach the Hub at {standin.url} to push {USER}/m:")
+    assert done.stderr.endswith("set HF_HUB_DISABLE_XET=1 to upload through Git LFS)\n")
 
 
 def test_metadata_the_hub_refuses_is_one_line_before_any_upload(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def _results(report: dict[str, Any], export_name: str) -> dict[str, dict[str, fl
     own = (report.get("exports") or {}).get(export_name)
     if isinstance(own, dict):
         rows["export"] = own
-    return {name: {k: v for k, v in row.items() if k in METRICS} for name, row in rows.items()}
+    return {name: {k: row[k] for k in METRICS if k in row} for name, row in rows.items()}
 
 
 def _title(name: str, export_name: str) -> str:
@@ -79,7 +79,7 @@ def _metadata(
     ds, train = trained["dataset"], trained["train"]
     base = _base_repo(trained)
     # A held-out split of the training data: its Hub id when it is from the Hub, else a plain name.
-    dataset_id = ds["hf_id"] if ds["source"] == "huggingface" else f"{ds['source']}-{Path(ds['path']).stem}"
+    dataset_id = {"huggingface": ds["hf_id"], "sample": "sample"}.get(ds["source"], Path(ds["path"]).stem)
     held_out = report.get("held_out_rows", 0)
     results = [
         EvalResult(

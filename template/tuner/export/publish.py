@@ -42,7 +42,10 @@ def push(folder: Path, repo_id: str, card: str, private: bool = False) -> str:
     except OfflineModeIsEnabled:
         raise ExportError("cannot push to the Hub while HF_HUB_OFFLINE is set: unset it and run again") from None
     except (httpx2.HTTPError, OSError) as err:  # the Hub unreachable: DNS, refused, timed out, proxy
-        raise ExportError(f"cannot reach the Hub at {api.endpoint} to push {repo_id}: {_first_line(err)}") from None
+        message = f"cannot reach the Hub at {api.endpoint} to push {repo_id}: {_first_line(err)}"
+        if "xet-write-token" in str(err):  # large files go to Xet storage, which this endpoint does not offer
+            message += " (a Hub without Xet storage: set HF_HUB_DISABLE_XET=1 to upload through Git LFS)"
+        raise ExportError(message) from None
     except RuntimeError as err:  # an LFS upload that failed: huggingface_hub wraps the HTTP error in it
         cause = err.__cause__
         if isinstance(cause, HfHubHTTPError):
