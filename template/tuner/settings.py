@@ -239,6 +239,7 @@ class ModelSettings:
     hf_repo: str = setting()  # "": built offline by setup/build_tiny_model.py
     revision: str = setting("")
     gated: bool = setting(False)
+    license: str = setting("")  # the base model's licence, for the model card of an export ("": unknown)
     offline_wheel: str = setting("")
     offline_sha256: str = setting("", SHA256)
     offline_gguf: str = setting("")
