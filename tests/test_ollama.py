@@ -12,6 +12,7 @@ Phi-3-mini-4k and Phi-4-mini have no copy here: their family's shape is Phi-3.5'
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -47,7 +48,7 @@ def go_render(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("Go is needed to render Ollama templates: apt-get install golang-go (scripts/test.sh does)")
     out = tmp_path_factory.mktemp("go") / "ollama-template"
     cache = tmp_path_factory.mktemp("go-cache")
-    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(cache), "GOCACHE": str(cache), "GOFLAGS": "-mod=mod"}
+    env = {**os.environ, "GOCACHE": str(cache), "GOTOOLCHAIN": "local"}  # never a toolchain download
     done = subprocess.run(["go", "build", "-o", str(out), "."], cwd=GO, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     return out
