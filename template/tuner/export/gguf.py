@@ -13,9 +13,7 @@ llama.cpp renames things, the pin moves and the converter with it.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -120,18 +118,28 @@ def run_converter(script: Path, merged: Path, out: Path, outtype: str) -> None:
     raise ExportError(f"llama.cpp's converter cannot convert {merged}: {last.removeprefix('ERROR:hf-to-gguf:')}")
 
 
+# llama.cpp's quantiser, run in a Python of its own: its per-tensor log (hundreds of lines, on
+# the C side) is captured like the converter's, and a crash in it is an error line, not ours.
+QUANTISE = """import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, sys.argv[3])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))"""
+
+
 def quantise(f16: Path, out: Path, quantize: str) -> None:
     """llama.cpp's quantiser, from the f16 file. Tensors whose rows are not a multiple of its
     block size (256 for the k-quants) get llama.cpp's fallback type, as with llama-quantize."""
-    module = llama_cpp(ExportError)
+    llama_cpp(ExportError)  # installed, or the line that says how
     print(f"Quantising to {quantize} with llama.cpp's quantiser", flush=True)
-    # Its per-tensor log is hundreds of lines: warnings (fallback types) and errors only.
-    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
-    params = module.llama_model_quantize_default_params()
-    params.ftype = getattr(module, QUANTISER_TYPES[quantize])
-    code = module.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
-    if code != 0 or not out.is_file():
-        raise ExportError(f"llama.cpp's quantiser failed on {f16} (code {code}; its message is above)")
+    command = [sys.executable, "-c", QUANTISE, str(f16), str(out), QUANTISER_TYPES[quantize]]
+    done = subprocess.run(command, capture_output=True, text=True)
+    said = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    if done.returncode != 0 or not out.is_file():
+        raise ExportError(f"llama.cpp's quantiser failed on {f16} ({said[-1] if said else done.returncode})")
+    # e.g. "WARNING: 180 of 272 tensor(s) required fallback quantization": worth knowing.
+    for line in said:
+        if "fallback quantization" in line:
+            print("llama.cpp's quantiser: " + line.split("WARNING: ", 1)[-1], flush=True)
 
 
 def check_metadata(path: Path) -> None:
