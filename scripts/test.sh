@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run the whole test suite.
 # Used as-is by the README's quickstart and by CI (.ci/run). Needs Python 3.11+ and, for the
-# browser tests, Debian/Ubuntu's chromium (installed here with apt-get when missing).
+# browser tests, Debian/Ubuntu's chromium, and Go for the Ollama template tests (both installed here
+# with apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-if ! command -v chromium >/dev/null 2>&1; then
+# Go renders the Ollama TEMPLATEs with Go's own text/template, as Ollama does (tests/test_ollama.py).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v go >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium golang-go >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi

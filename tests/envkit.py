@@ -65,7 +65,7 @@ def pinned(req: Requirement) -> str:
 
 
 def expected_files(platform: str, mode: str) -> set[str]:
-    files = {"requirements.txt", "requirements-benchmarks.txt"}
+    files = {"requirements.txt", "requirements-benchmarks.txt", "requirements-gguf.txt"}
     if platform != "cpu" or mode != "local":
         files |= {"requirements-cuda.txt", "requirements-torch-cuda.txt", "requirements-vllm.txt"}
     if platform == "cpu":

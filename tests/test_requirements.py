@@ -50,7 +50,7 @@ def test_test_environment_uses_the_same_pins() -> None:
         if line.strip() and not line.startswith("#"):
             req = Requirement(line)
             dev[req.name] = pinned(req)
-    pins = dict(VERSIONS["common"], **VERSIONS["onnxruntime_genai"]["cpu"])
+    pins = dict(VERSIONS["common"], **VERSIONS["onnxruntime_genai"]["cpu"], **VERSIONS["llama_cpp"])
     for name, version in pins.items():
         if name in dev:
             assert dev[name] == version, f"requirements-dev.txt has {name}=={dev[name]}, versions.yml {version}"
@@ -97,7 +97,7 @@ def test_requirements_files(ws) -> None:
                 "jinja2": VERSIONS["jinja2"],
                 "vllm": VERSIONS["vllm"],
                 "lm-eval": VERSIONS["lm_eval"],
-            }.get(req.name)
+            }.get(req.name) or VERSIONS["llama_cpp"].get(req.name)
             for variants in VERSIONS["onnxruntime_genai"].values():
                 expected = expected or variants.get(req.name)
             assert version == expected, f"{name}: {req} does not match includes/versions.yml"
@@ -113,6 +113,10 @@ def test_requirements_files(ws) -> None:
         if name == "requirements-vllm.txt":
             # vLLM's own environment: its wheel brings its own torch and transformers.
             assert names == {"vllm"}  # vLLM serves a QLoRA adapter on the full-precision base
+            continue
+        if name == "requirements-gguf.txt":
+            # On top of the workspace's environment, only for GGUF: llama.cpp and its converter's needs.
+            assert names == set(VERSIONS["llama_cpp"])
             continue
         if name == "requirements-benchmarks.txt":
             # On top of the workspace's environment, only for --benchmarks: lm-eval alone.

@@ -102,7 +102,7 @@ def test_a_broken_settings_file_is_one_line_with_the_line_number(
     else:
         assert line == (
             f'error: {path}:{line_of(path, "backend = ")}: chat.backend = "onxx" is not valid: '
-            'it must be one of "torch", "onnx"'
+            'it must be one of "torch", "onnx", "gguf"'
         )
 
 
@@ -110,7 +110,7 @@ def test_a_broken_settings_file_is_one_line_with_the_line_number(
 def test_every_script_takes_set_and_checks_it(rendered: Path, script: str) -> None:
     """Refused by the settings' check, not by argparse: the script has --set, and checks every table."""
     line = one_error_line(run_py(rendered, script, *SCRIPTS[script], "--set", "chat.backend=onxx"))
-    assert line == 'error: --set: chat.backend = "onxx" is not valid: it must be one of "torch", "onnx"'
+    assert line == 'error: --set: chat.backend = "onxx" is not valid: it must be one of "torch", "onnx", "gguf"'
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
@@ -143,9 +143,9 @@ def test_a_byte_order_mark_is_accepted(rendered: Path, settings: dict, tmp_path:
 
 # (--set item, the whole message): one example of every kind of check, in every table.
 REFUSED = [
-    ("chat.backend=onxx", 'chat.backend = "onxx" is not valid: it must be one of "torch", "onnx"'),
-    ('chat.backend="ONNX"', 'chat.backend = "ONNX" is not valid: it must be one of "torch", "onnx"'),
-    ("chat.backend=1", 'chat.backend = 1 is not valid: it must be one of "torch", "onnx"'),
+    ("chat.backend=onxx", 'chat.backend = "onxx" is not valid: it must be one of "torch", "onnx", "gguf"'),
+    ('chat.backend="ONNX"', 'chat.backend = "ONNX" is not valid: it must be one of "torch", "onnx", "gguf"'),
+    ("chat.backend=1", 'chat.backend = 1 is not valid: it must be one of "torch", "onnx", "gguf"'),
     ("chat.max_new_tokens=0", "chat.max_new_tokens = 0 is not valid: it must be a whole number, 1 or more"),
     ("chat.max_new_tokens=many", 'chat.max_new_tokens = "many" is not valid: it must be a whole number, 1 or more'),
     ("chat.temperature=-1", "chat.temperature = -1 is not valid: it must be a number from 0 to 2"),

@@ -51,7 +51,7 @@ def main() -> None:
     # Generation options: the settings' [chat] table, unless given here (and then checked as it is).
     for option, kind in OPTIONS.items():
         parser.add_argument("--" + option.replace("_", "-"), type=kind, help=f"default: [chat] {option}")
-    parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
+    parser.add_argument("--backend", choices=["torch", "onnx", "gguf"], help="default: [chat] backend")
     args = parser.parse_args()
     if isinstance(sys.stdout, io.TextIOWrapper):
         # A terminal that cannot show a character (LANG=C, PYTHONIOENCODING=ascii) gets "?" for

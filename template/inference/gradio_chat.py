@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--baseonly", action="store_true", help="serve the base model, no adapter")
     parser.add_argument("--host", help="default: [serve] host; use 0.0.0.0 only inside a container")
     parser.add_argument("--port", type=port_number, help="default: [serve] port; 0: a free port (printed)")
-    parser.add_argument("--backend", choices=["torch", "onnx"], help="default: [chat] backend")
+    parser.add_argument("--backend", choices=["torch", "onnx", "gguf"], help="default: [chat] backend")
     args = parser.parse_args()
     settings = settings_for_script(args.settings, args.overrides)
     serve = settings["serve"]

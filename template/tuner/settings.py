@@ -301,7 +301,7 @@ class TrainSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class ChatSettings:
-    backend: str = setting("torch", Choice(("torch", "onnx")))
+    backend: str = setting("torch", Choice(("torch", "onnx", "gguf")))
     max_new_tokens: int = setting(128, Range(1))
     temperature: float = setting(0.0, Range(0, 2))  # 0: greedy; the API and the page take 0 to 2
     top_p: float = setting(1.0, Range(0, 1, low_open=True))

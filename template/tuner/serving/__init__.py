@@ -13,12 +13,17 @@ from tuner.serving.engine import ChatEngine
 
 
 def load_engine(settings: dict[str, Any], root: Path, backend: str | None = None, baseonly: bool = False) -> ChatEngine:
-    """The engine for `backend` (torch or onnx; default [chat] backend). EngineError says
+    """The engine for `backend` (torch, onnx or gguf; default [chat] backend). EngineError says
     what to run first (download, fine-tune, export)."""
-    if (backend or settings["chat"]["backend"]) == "onnx":
+    backend = backend or settings["chat"]["backend"]
+    if backend == "onnx":
         from tuner.serving.ort import OnnxEngine  # onnxruntime-genai only when asked for
 
         return OnnxEngine(settings, root, baseonly=baseonly)
+    if backend == "gguf":
+        from tuner.serving.llamacpp import LlamaCppEngine  # llama-cpp-python only when asked for
+
+        return LlamaCppEngine(settings, root, baseonly=baseonly)
     from tuner.serving.hf import Engine
 
     return Engine(settings, root, baseonly=baseonly)
