@@ -97,11 +97,11 @@ def main() -> None:
 
         torch.set_num_threads(settings["model"]["threads"])
 
+    quantize = args.quantize or settings["export"]["quantize"]
     if fmt == "onnx":
         precision = args.precision or settings["onnx"]["precision"]
         name, folder = f"onnx-{precision}", export_dir(settings, ROOT, precision)
     elif fmt in ("gguf", "ollama"):
-        quantize = args.quantize or settings["export"]["quantize"]
         name, folder = f"{fmt}-{quantize}", export_folder(settings, ROOT, fmt, quantize)
     else:
         name, folder = fmt, export_folder(settings, ROOT, fmt)
@@ -118,7 +118,7 @@ def main() -> None:
         elif fmt == "adapter":
             info = export_adapter(settings, out)
         else:
-            info = export_model(settings, fmt, staging, out, name, args.quantize or settings["export"]["quantize"])
+            info = export_model(settings, fmt, staging, out, name, quantize)
         info |= {"format": fmt, "model": settings["model"]["id"], "seconds": round(time.monotonic() - started, 1)}
         (out / "export.json").write_text(json.dumps(info, indent=2), "utf-8")
         write_card(settings, name, out)
