@@ -1,5 +1,5 @@
 """Decode speed of the fine-tuned model: transformers + peft (greedy generate) vs ONNX Runtime
-GenAI (the export of inference/export_onnx.py, adapter loaded with og.Adapters).
+GenAI (the export of inference/export.py --format onnx, adapter loaded with og.Adapters).
 
     python bench/onnx_vs_torch.py WORKSPACE [--tokens 64] [--repeats 3] [--threads 1]
 

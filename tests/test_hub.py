@@ -98,7 +98,9 @@ def test_download_plan_picks_the_platform_variant(
     assert (onnx["repo"], onnx["variant"]) == (repo, variant)
     if not variant:
         said = f"{repo} has no ONNX build for platform {platform}" if repo else f"{model} has no published ONNX build"
-        with pytest.raises(hub.NoOnnxBuild, match=re.escape(said + "; export your own: python inference/export_onnx")):
+        with pytest.raises(
+            hub.NoOnnxBuild, match=re.escape(said + "; export your own: python inference/export.py --format onnx")
+        ):
             hub.plan_download(onnx, platform, model, ws)
         return
     plan = hub.plan_download(onnx, platform, model, ws)
@@ -146,7 +148,7 @@ def test_download_model_without_onnx_build(render_factory, tmp_path: Path) -> No
     run = run_py(ws, "setup/download_onnx.py")
     assert run.returncode == 1
     assert run.stderr.strip() == (
-        "error: tiny-random has no published ONNX build; export your own: python inference/export_onnx.py"
+        "error: tiny-random has no published ONNX build; export your own: python inference/export.py --format onnx"
     )
 
 

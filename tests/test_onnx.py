@@ -1,5 +1,5 @@
-"""ONNX Runtime GenAI: the fine-tuned adapter exported for onnxruntime-genai (inference/export_onnx.py,
-tuner/serving/onnx_build.py) and the engine on it (tuner/serving/ort.py), checked against transformers +
+"""ONNX Runtime GenAI: the fine-tuned adapter exported for onnxruntime-genai (inference/export.py --format
+onnx, tuner/export/onnx.py) and the engine on it (tuner/serving/ort.py), checked against transformers +
 peft. The published builds are tests/test_hub.py's."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def exported(tuned_workspace: Path, tmp_path_factory: pytest.TempPathFactory) ->
     ws = tmp_path_factory.mktemp("onnx") / "ws"
     shutil.copytree(tuned_workspace, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))
     for precision in ("fp32", "int4"):
-        run = run_py(ws, "inference/export_onnx.py", "--precision", precision)
+        run = run_py(ws, "inference/export.py", "--format", "onnx", "--precision", precision)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert f"Exported to models/onnx/{precision}" in run.stdout
     return ws
@@ -174,13 +174,13 @@ def test_int4_adapter_answers_in_the_trained_form(exported: Path) -> None:
 
 @pytest.mark.slow
 def test_precision_setting_picks_the_export(exported: Path, tmp_path: Path) -> None:
-    """[onnx] precision in settings.toml decides what export_onnx.py builds and which export the
+    """[onnx] precision in settings.toml decides what `export.py --format onnx` builds and which export the
     ONNX backend loads: fp16 here, with only the int4 and fp32 exports beside it."""
     ws = tmp_path / "ws"
     shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))
     settings = ws / "settings.toml"
     settings.write_text(settings.read_text("utf-8").replace('precision = "int4"', 'precision = "fp16"'), "utf-8")
-    export = run_py(ws, "inference/export_onnx.py", "--skip-merged")
+    export = run_py(ws, "inference/export.py", "--format", "onnx", "--skip-merged")
     assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
     assert "Exported to models/onnx/fp16" in export.stdout
     assert json.loads((ws / "models" / "onnx" / "fp16" / "export.json").read_text())["precision"] == "fp16"
@@ -223,14 +223,14 @@ def test_missing_pieces_name_the_command(exported: Path, tmp_path: Path) -> None
     ws = tmp_path / "ws"
     shutil.copytree(exported, ws, ignore=shutil.ignore_patterns("onnx", "olive-cache", "checkpoints"))
     for precision, command in (
-        ("int4", "python inference/export_onnx.py"),
-        ("fp16", "python inference/export_onnx.py --precision fp16"),
+        ("int4", "python inference/export.py --format onnx"),
+        ("fp16", "python inference/export.py --format onnx --precision fp16"),
     ):
         with pytest.raises(EngineError) as err:
             OnnxEngine(*in_workspace(ws), precision=precision)
         assert str(err.value) == f"ONNX model not found in {ws / 'models' / 'onnx' / precision}: run `{command}` first"
     shutil.rmtree(ws / "models" / "adapter")
-    export = run_py(ws, "inference/export_onnx.py")
+    export = run_py(ws, "inference/export.py", "--format", "onnx")
     assert export.returncode == 1
     lines = export.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith("run `python finetuning/invoke_olive.py` first"), export.stderr
@@ -259,7 +259,7 @@ def test_baseonly_falls_back_to_the_downloaded_model(exported: Path, tmp_path: P
     engine.reply(conversation([], "The puppy fell asleep on my lap again.", settings), max_new_tokens=3, stats=stats)
     engine.close()
     assert engine.path == variant and stats["completion_tokens"] == 3
-    with pytest.raises(EngineError, match=r"run `python inference/export_onnx.py` first$"):
+    with pytest.raises(EngineError, match=r"run `python inference/export.py --format onnx` first$"):
         OnnxEngine(settings, root)  # the adapter needs an export
 
 
@@ -277,9 +277,13 @@ def test_bench_onnx_vs_torch(exported: Path) -> None:
 
 
 def fake_builder(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path, str], None]:
-    """inference/export_onnx.py, run in this process with its builder steps replaced by writing a
-    few files (the marker in genai_config.json): what is tested is where the export lands."""
-    from tuner.serving import onnx_build
+    """inference/export.py --format onnx, run in this process with its builder steps replaced by
+    writing a few files (the marker in genai_config.json), and its held-out check and model card by
+    stand-ins: what is tested is where the export lands."""
+    import types
+
+    from tuner.export import check
+    from tuner.export import onnx as onnx_build
 
     marker = [""]
 
@@ -296,12 +300,14 @@ def fake_builder(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path, str], None]
 
     monkeypatch.setattr(onnx_build, "build", build)
     monkeypatch.setattr(onnx_build, "extract_adapter", extract_adapter)
-    monkeypatch.setattr(sys, "argv", ["export_onnx.py", "--skip-merged", "--precision", "fp32"])
+    monkeypatch.setattr(check, "check_export", lambda *args: {"exact_match": 1.0, "adapter_exact_match": 1.0})
+    monkeypatch.setitem(sys.modules, "tuner.export.card", types.SimpleNamespace(model_card=lambda *args: "card"))
+    monkeypatch.setattr(sys, "argv", ["export.py", "--format", "onnx", "--skip-merged", "--precision", "fp32"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     def export(ws: Path, text: str) -> None:
         marker[0] = text
-        runpy.run_path(str(ws / "inference" / "export_onnx.py"))["main"]()  # main(), not run_script's exit
+        runpy.run_path(str(ws / "inference" / "export.py"))["main"]()  # main(), not run_script's exit
 
     return export
 
@@ -326,7 +332,7 @@ def test_export_killed_at_the_swap_keeps_the_previous_export(
     killed_at_swap(out, lambda: export(ws, "new"))
     previous = out.with_name("fp32.previous")
     assert not out.exists() and (previous / "genai_config.json").read_text() == "last"
-    assert {p.name for p in previous.iterdir()} >= {"model.onnx", "adapter.onnx_adapter", "export.json"}
+    assert {p.name for p in previous.iterdir()} >= {"model.onnx", "adapter.onnx_adapter", "export.json", "README.md"}
     export(ws, "next")
     assert (out / "genai_config.json").read_text() == "next" and (out / "export.json").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["fp32"]

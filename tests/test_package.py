@@ -17,7 +17,7 @@ PACKAGE = REPO / "template" / "tuner"
 MODULES = sorted(
     ".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"
 )
-LAYERS = ("training", "serving", "cloud")
+LAYERS = ("training", "serving", "export", "cloud")
 # The workspace's entry scripts live in these folders; the package never imports them.
 SCRIPT_FOLDERS = {"setup", "finetuning", "inference", "infra", "tests"}
 
@@ -87,7 +87,8 @@ def test_the_layers_import_one_way() -> None:
     """settings, files, data and hub import no layer; serving takes only the precision policy from
     training (never its trainers: Olive's config, a run's bookkeeping, the evaluation); training
     loads an adapter for its evaluation as the chat engine does, and nothing else of serving;
-    cloud imports neither; nothing imports an entry script."""
+    export builds on training and serving, and no other layer imports it; cloud imports none of
+    them; nothing imports an entry script."""
     for module in MODULES:
         layer = module.split(".")[0] if "." in module else None
         deps = package_imports(module)
@@ -97,7 +98,11 @@ def test_the_layers_import_one_way() -> None:
             assert {d for d in deps if d.startswith("training.")} <= {"training.precision"}, (module, deps)
             assert not {d for d in deps if d.startswith("cloud.")}, (module, deps)
         elif layer == "cloud":
-            assert not {d for d in deps if d.startswith(("training.", "serving."))}, (module, deps)
+            assert not {d for d in deps if d.startswith(("training.", "serving.", "export."))}, (module, deps)
+        elif layer == "export":
+            assert not {d for d in deps if d.startswith("cloud.")}, (module, deps)
+        if layer != "export":
+            assert not {d for d in deps if d.startswith("export.")}, (module, deps)
         elif layer == "training":
             allowed = {"serving.hf"} if module == "training.evaluation" else set()
             assert {d for d in deps if d.startswith(("serving.", "cloud."))} <= allowed, (module, deps)

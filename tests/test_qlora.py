@@ -163,7 +163,7 @@ def test_onnx_export_merges_into_the_full_precision_base(qlora_tuned: Path, tmp_
 
     ws = tmp_path / "ws"
     shutil.copytree(qlora_tuned, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))
-    run = run_py(ws, "inference/export_onnx.py", "--precision", "fp32")
+    run = run_py(ws, "inference/export.py", "--format", "onnx", "--precision", "fp32")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with one_thread():
         diffs = first_token_diffs(ws)

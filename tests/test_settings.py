@@ -26,7 +26,7 @@ SCRIPTS = {
     "finetuning/evaluate_adapter.py": [],
     "inference/console_chat.py": ["--prompt", "hi"],
     "inference/gradio_chat.py": ["--port", "0"],
-    "inference/export_onnx.py": [],
+    "inference/export.py": ["--format", "onnx"],
     "infra/remote.py": ["status"],
 }
 

@@ -50,12 +50,12 @@ def test_an_empty_serve_host_is_refused(ws: Path, how: str) -> None:
 
 def test_an_unknown_onnx_precision_is_refused_by_the_export(ws: Path) -> None:
     set_value(ws, "onnx", "precision", '"int8"')
-    line = one_line(run_py(ws, "inference/export_onnx.py", timeout=300))
+    line = one_line(run_py(ws, "inference/export.py", "--format", "onnx", timeout=300))
     assert 'onnx.precision = "int8" is not valid: it must be one of "int4", "fp16", "fp32"' in line, line
 
 
 def test_an_unknown_onnx_precision_is_refused_by_the_chat(ws: Path) -> None:
-    """Not "run export_onnx.py --precision int8", which argparse would refuse."""
+    """Not "run export.py --format onnx --precision int8", which argparse would refuse."""
     set_value(ws, "onnx", "precision", '"int8"')
     line = one_line(run_py(ws, "inference/console_chat.py", "--backend", "onnx", "--prompt", "hi", timeout=300))
     assert 'onnx.precision = "int8" is not valid: it must be one of "int4", "fp16", "fp32"' in line, line

@@ -28,7 +28,8 @@ def test_makefile_targets(ws) -> None:
         "chat": "inference/console_chat.py",
         "serve": "inference/gradio_chat.py",
         "test": "-m pytest tests",
-        "export-onnx": "inference/export_onnx.py",
+        "export": "inference/export.py",
+        "export-onnx": "inference/export.py --format onnx",
     }
     for target, command in expected.items():
         result = make_n(root, target)

@@ -7,7 +7,7 @@ Publishers put one build per platform in a subfolder of one Hub repo (for exampl
 cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4); only that subfolder is downloaded, into
 model-cache/onnx/<repo>/<variant>/. Chat with it (base model, no fine-tuning):
 python inference/console_chat.py --backend onnx --baseonly. For the fine-tuned model, export
-your own: python inference/export_onnx.py
+your own: python inference/export.py --format onnx
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The workspace's code, imported by the thin scripts in setup/, finetuning/, inference/ and infra/.
 
-Three layers, each importing only the ones above it:
+Four layers, each importing only the ones above it:
 
     settings     settings.toml -> checked, typed sections; --settings/--set; the one-line error path
     data         the dataset and the one prompt format: rows -> messages -> tokens and labels
@@ -13,9 +13,11 @@ Three layers, each importing only the ones above it:
                  benchmarks (lm-evaluation-harness before and after)
     serving/     load_engine, engine (the chat engine base), hf (transformers + peft), ort
                  (onnxruntime-genai), upstream (an OpenAI-compatible server), vllm, api (the
-                 routes and the page), onnx_build (the ONNX export)
-    export/      the exports of the fine-tuned model (merged, GGUF, Ollama, ONNX, the adapter), each
-                 checked on the held-out rows; the model card and the push to the Hub
+                 routes and the page)
+    export/      the exports of the fine-tuned model for inference/export.py: merged (the adapter
+                 merged into the full-precision base), onnx (the ONNX Runtime GenAI builds), gguf
+                 and ollama (llama.cpp), check (each export answers the held-out rows before it is
+                 kept), card and publish (the model card, the push to the Hub)
     cloud/       az (the Azure CLI), containerapps, azureml: the standard library only
 
 Nothing here reads a file or touches the environment when imported: every function takes the

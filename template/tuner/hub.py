@@ -198,6 +198,9 @@ class NoOnnxBuild(HubError):
     """The model has no published ONNX build for the platform, said in one line."""
 
 
+EXPORT_YOUR_OWN = "export your own: python inference/export.py --format onnx"
+
+
 @dataclass(frozen=True)
 class Plan:
     repo: str
@@ -217,11 +220,9 @@ def plan_download(onnx: dict[str, Any], platform: str, model_id: str, root: Path
     repo = onnx.get("repo") or ""
     variant = onnx.get("variant") or ""
     if not repo:
-        raise NoOnnxBuild(f"{model_id} has no published ONNX build; export your own: python inference/export_onnx.py")
+        raise NoOnnxBuild(f"{model_id} has no published ONNX build; {EXPORT_YOUR_OWN}")
     if not variant:
-        raise NoOnnxBuild(
-            f"{repo} has no ONNX build for platform {platform}; export your own: python inference/export_onnx.py"
-        )
+        raise NoOnnxBuild(f"{repo} has no ONNX build for platform {platform}; {EXPORT_YOUR_OWN}")
     variant = variant.strip("/")
     dest = root / (onnx.get("path") or f"model-cache/onnx/{repo}")
     return Plan(repo, variant, onnx.get("revision") or None, [f"{variant}/*"], dest)

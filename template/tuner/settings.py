@@ -36,7 +36,7 @@ RUNS = "models/runs"
 RUN_RECORD = "run.json"  # beside the adapter: the settings it was trained with
 # settings.toml's platform -> onnxruntime-genai execution provider.
 PROVIDERS = {"cuda": "cuda", "windows-gpu": "dml", "cpu": "cpu"}
-ONNX_PRECISIONS = ("int4", "fp16", "fp32")  # what inference/export_onnx.py builds
+ONNX_PRECISIONS = ("int4", "fp16", "fp32")  # what inference/export.py --format onnx builds
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")  # what inference/export.py --format gguf writes
 
 

@@ -1,6 +1,6 @@
 """The chat engine on ONNX Runtime GenAI: the same interface as tuner.serving.hf.Engine.
 
-It loads the model exported by inference/export_onnx.py (models/onnx/<precision>/) and the
+It loads the model exported by `inference/export.py --format onnx` (models/onnx/<precision>/) and the
 fine-tuned adapter file through og.Adapters, formats the conversation with the model's own
 chat template (the one it was fine-tuned with), and streams the answer token by token until an
 end-of-turn token, a stop string or the limit. With baseonly=True and no export, it falls back
@@ -25,7 +25,7 @@ ADAPTER_FILE = "adapter.onnx_adapter"
 
 
 def export_dir(settings: dict[str, Any], root: Path, precision: str) -> Path:
-    """Where inference/export_onnx.py writes the model at `precision`."""
+    """Where `inference/export.py --format onnx` writes the model at `precision`."""
     return in_workspace(root, settings["onnx"]["output_dir"]) / precision
 
 
@@ -47,7 +47,9 @@ class OnnxEngine(ChatEngine):
         super().__init__()
         self.settings = settings
         precision = precision or settings["onnx"]["precision"]
-        command = "python inference/export_onnx.py" + ("" if precision == "int4" else f" --precision {precision}")
+        command = "python inference/export.py --format onnx" + (
+            "" if precision == "int4" else f" --precision {precision}"
+        )
         path = export_dir(settings, root, precision)
         adapter = path / ADAPTER_FILE
         if not (path / "genai_config.json").is_file():

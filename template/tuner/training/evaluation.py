@@ -103,6 +103,13 @@ def generate(
     return [a.strip() for a in answers]
 
 
+def answer_tokens(tokenizer: Any, expected: list[str]) -> int:
+    """How many tokens a greedy answer may take: the longest expected answer and a few more (only
+    its first line is scored), at most 64."""
+    longest = max((len(tokenizer(e, add_special_tokens=False)["input_ids"]) for e in expected), default=0)
+    return min(longest + 8, 64)
+
+
 def answer_loss(
     model: Any,
     tokenizer: Any,
@@ -184,7 +191,7 @@ def evaluate(adapter: Path, settings: dict[str, Any], root: Path) -> dict[str, A
     model, tokenizer = load_model(settings, in_workspace(root, settings["model"]["path"]))
     model = load_adapter(model, adapter)
     expected = [str(row[ds["target_column"]]) for row in held_out] if columns else []
-    longest = max((len(tokenizer(e, add_special_tokens=False)["input_ids"]) for e in expected), default=0)
+    budget = answer_tokens(tokenizer, expected)
 
     results: dict[str, dict[str, Any]] = {}
     steps = len(held_out) * (2 if columns else 1)  # the loss of each row, then (columns) its answer
@@ -197,7 +204,7 @@ def evaluate(adapter: Path, settings: dict[str, Any], root: Path) -> dict[str, A
                 cut = max_seq_len if name != "prompted" else 1_000_000
                 loss = answer_loss(model, tokenizer, chats, cut, name == "prompted", bar.update)
                 asked = [chat[:-1] for chat in chats]
-                answers = generate(model, tokenizer, asked, min(longest + 8, 64), bar.update) if columns else []
+                answers = generate(model, tokenizer, asked, budget, bar.update) if columns else []
             metrics: dict[str, Any] = {"answer_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
             if columns:
                 scores = [score(a, e) for a, e in zip(answers, expected, strict=True)]

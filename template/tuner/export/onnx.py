@@ -1,5 +1,6 @@
 """Building ONNX Runtime GenAI models: the base with the LoRA adapter as graph inputs, the
-adapter file, and the merged model. inference/export_onnx.py drives these steps.
+adapter file, and the merged model (tuner.export.merged, then built). `python inference/export.py
+--format onnx` drives these steps.
 
 The model builder needs two repairs for our models, applied while it runs: Phi-3's
 original_max_position_embeddings, and an LM head found by shape (lm_head_by_identity).
@@ -11,19 +12,13 @@ import contextlib
 import importlib
 import json
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tuner.export import ExportError
 from tuner.serving.ort import ADAPTER_FILE
-from tuner.settings import WorkspaceError
-
-
-class ExportError(WorkspaceError):
-    """An export that cannot work, said in one line."""
-
 
 ADAPTER_NAME = "finetuned"
 # The model builder names the two LoRA MatMuls of a projection <projection>/lora_A/MatMul and
@@ -141,17 +136,3 @@ def extract_adapter(src: Path, dst: Path) -> int:
     adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in weights.items()})
     adapter.export_adapter(str(dst / ADAPTER_FILE))
     return len(weights)
-
-
-def merge(base: Path, adapter: Path, out: Path) -> None:
-    """The base model with the adapter merged into its weights, as a Hugging Face folder."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")  # the base's own dtype
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    for name in ("chat_template.jinja",):
-        if (base / name).is_file():
-            shutil.copy2(base / name, out / name)
