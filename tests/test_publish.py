@@ -3,8 +3,8 @@ Hub's HTTP API (tests/hub_standin.py; huggingface_hub itself runs unchanged, HF_
 the stand-in) arrives byte for byte with its model card as README.md, its large files through Xet
 storage (the default) and through Git LFS (HF_HUB_DISABLE_XET=1); a bad token, a namespace the
 token may not write to, an unreachable Hub, offline mode, a Hub without Xet and a missing HF_TOKEN
-are each one line and exit code 1 through the workspace's error path (run_script); the card parses with huggingface_hub's own
-ModelCard and model-index parser, with the figures of a real fine-tune's eval.json."""
+are each one line and exit code 1 through the workspace's error path (run_script); the card
+parses with huggingface_hub's own ModelCard and model-index parser, with the figures of a real fine-tune's eval.json."""
 
 from __future__ import annotations
 

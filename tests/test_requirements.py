@@ -91,13 +91,17 @@ def test_requirements_files(ws) -> None:
         for req in reqs.values():
             assert req.marker is None and not req.extras, f"{name}: {req}"
             version = pinned(req)
-            expected = VERSIONS["common"].get(req.name) or {
-                "torch": VERSIONS["torch"],
-                "bitsandbytes": VERSIONS["bitsandbytes"],
-                "jinja2": VERSIONS["jinja2"],
-                "vllm": VERSIONS["vllm"],
-                "lm-eval": VERSIONS["lm_eval"],
-            }.get(req.name) or VERSIONS["llama_cpp"].get(req.name)
+            expected = (
+                VERSIONS["common"].get(req.name)
+                or {
+                    "torch": VERSIONS["torch"],
+                    "bitsandbytes": VERSIONS["bitsandbytes"],
+                    "jinja2": VERSIONS["jinja2"],
+                    "vllm": VERSIONS["vllm"],
+                    "lm-eval": VERSIONS["lm_eval"],
+                }.get(req.name)
+                or VERSIONS["llama_cpp"].get(req.name)
+            )
             for variants in VERSIONS["onnxruntime_genai"].values():
                 expected = expected or variants.get(req.name)
             assert version == expected, f"{name}: {req} does not match includes/versions.yml"

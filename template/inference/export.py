@@ -77,6 +77,13 @@ def main() -> None:
         help="where the model will run (default: from [model] platform)",
     )
     onnx.add_argument("--skip-merged", action="store_true", help="do not build the merged model")
+    parser.add_argument(
+        "--max-loss",
+        type=float,
+        metavar="POINTS",
+        help="keep an export that loses up to POINTS of held-out exact match against the adapter "
+        "(default: 3, or 10 for 4-bit exports)",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failed export")
     args = parser.parse_args()
     settings = settings_for_script(args.settings, args.overrides)
@@ -87,6 +94,10 @@ def main() -> None:
         parser.error("--precision, --execution-provider and --skip-merged are for --format onnx")
     if args.push_to_hub and fmt not in PUSHABLE:
         parser.error(f"--push-to-hub takes --format {', '.join(PUSHABLE)}")
+    if args.max_loss is not None and not 0 <= args.max_loss <= 100:
+        parser.error(f"--max-loss: {args.max_loss:g} is not a number of points from 0 to 100")
+    if args.max_loss is not None and fmt == "adapter":
+        parser.error("--max-loss is for exports that answer again (the adapter is checked by its own evaluation)")
     if args.private and not args.push_to_hub:
         parser.error("--private goes with --push-to-hub")
     if not args.push_to_hub:  # everything is local; never ask the Hub (huggingface_hub reads this at import)
@@ -118,7 +129,8 @@ def main() -> None:
         elif fmt == "adapter":
             info = export_adapter(settings, out)
         else:
-            info = export_model(settings, fmt, staging, out, name, quantize)
+            loss = None if args.max_loss is None else args.max_loss / 100
+            info = export_model(settings, fmt, staging, out, name, quantize, loss)
         info |= {"format": fmt, "model": settings["model"]["id"], "seconds": round(time.monotonic() - started, 1)}
         (out / "export.json").write_text(json.dumps(info, indent=2), "utf-8")
         write_card(settings, name, out)
@@ -161,13 +173,15 @@ def write_card(settings: dict[str, Any], name: str, out: Path) -> None:
     (out / "README.md").write_text(model_card(settings, ROOT, name), "utf-8")
 
 
-def export_model(settings: dict[str, Any], fmt: str, staging: Path, out: Path, name: str, quantize: str) -> dict:
+def export_model(
+    settings: dict[str, Any], fmt: str, staging: Path, out: Path, name: str, quantize: str, max_loss: float | None
+) -> dict:
     """merged, gguf or ollama: the merged model, then (gguf, ollama) converted by llama.cpp."""
     merged = out if fmt == "merged" else staging / "merged"
     print("Merging the adapter into the float32 base model", flush=True)
     merge(settings, ROOT, merged)
     if fmt == "merged":  # through plain transformers, as its users will load it
-        return {"check": check_export(name, settings, ROOT, out, partial(transformers_answers, out))}
+        return {"check": check_export(name, settings, ROOT, out, partial(transformers_answers, out), max_loss)}
     from tuner.export.gguf import answers, convert  # llama.cpp: only for these formats
 
     out.mkdir()
@@ -176,12 +190,14 @@ def export_model(settings: dict[str, Any], fmt: str, staging: Path, out: Path, n
     convert(merged, gguf, quantize, in_workspace(ROOT, LLAMA_CPP))
     if fmt == "ollama":
         from transformers import AutoTokenizer
+
         from tuner.export.ollama import modelfile
 
         template = AutoTokenizer.from_pretrained(merged).chat_template
         (out / "Modelfile").write_text(modelfile(settings, gguf.name, template), "utf-8")
     threads = settings["model"]["threads"]
-    figures = check_export(name, settings, ROOT, merged, lambda chats, budget: answers(gguf, chats, budget, threads))
+    answer = partial(answers, gguf, threads=threads)
+    figures = check_export(name, settings, ROOT, merged, lambda chats, budget: answer(chats, budget), max_loss)
     shutil.rmtree(merged)
     return {"check": figures, "quantize": quantize, "file": gguf.name}
 
@@ -233,7 +249,8 @@ def export_onnx(settings: dict[str, Any], args: Any, staging: Path, out: Path, n
         return info
     threads = settings["model"]["threads"]
     answer = partial(onnx_answers, out, tokenizer_folder=base, adapter_file=out / ADAPTER_FILE, threads=threads)
-    return info | {"check": check_export(name, settings, ROOT, base, answer)}
+    max_loss = None if args.max_loss is None else args.max_loss / 100
+    return info | {"check": check_export(name, settings, ROOT, base, answer, max_loss)}
 
 
 if __name__ == "__main__":

@@ -187,6 +187,9 @@ def dequantise(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     del model.config.quantization_config  # the saved weights are plain float32, not GGUF
+    # save_pretrained would record the model's class; the parts saved here must say it themselves
+    # (the ONNX builder and llama.cpp's converter pick the architecture from it).
+    model.config.architectures = [type(model).__name__]
     out.mkdir()
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
