@@ -12,8 +12,8 @@ Four layers, each importing only the ones above it:
                  progress bar, Olive's log to a file), evaluation (base / prompted / tuned),
                  benchmarks (lm-evaluation-harness before and after)
     serving/     load_engine, engine (the chat engine base), hf (transformers + peft), ort
-                 (onnxruntime-genai), upstream (an OpenAI-compatible server), vllm, api (the
-                 routes and the page)
+                 (onnxruntime-genai), llamacpp (llama.cpp, on a GGUF export), upstream (an
+                 OpenAI-compatible server), vllm, api (the routes and the page)
     export/      the exports of the fine-tuned model for inference/export.py: merged (the adapter
                  merged into the full-precision base), onnx (the ONNX Runtime GenAI builds), gguf
                  and ollama (llama.cpp), check (each export answers the held-out rows before it is
