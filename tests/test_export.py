@@ -156,12 +156,21 @@ def test_an_export_that_answers_worse_is_refused_in_one_line(merged: Path, tmp_p
     line = one_error_line(run.stderr)
     assert re.fullmatch(
         r"error: the merged export answers [\d.]+% of the \d+ held-out rows exactly, the adapter [\d.]+%: "
-        r"it loses more than 3 points, so it was not kept",
+        r"it loses more than 3 points, so it was not kept "
+        r"\(a higher precision loses less; --max-loss POINTS keeps it anyway\)",
         line,
     ), line
     assert evaluated(ws) == before
     assert (ws / "models" / "exports" / "merged" / "export.json").read_text("utf-8") == kept
     assert sorted(p.name for p in (ws / "models" / "exports").iterdir()) == ["merged"]
+    # Kept when the user accepts the loss, and the figure says under which limit.
+    run = export(ws, "--format", "merged", "--max-loss", "100")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    figures = evaluated(ws)["exports"]["merged"]
+    assert figures["threshold"] == 1.0 and figures["exact_match"] < evaluated(ws)["tuned"]["exact_match"]
+    assert (ws / "models" / "exports" / "merged" / "export.json").read_text("utf-8") != kept
+    run = export(ws, "--format", "merged", "--max-loss", "101")
+    assert run.returncode == 2 and "--max-loss: 101 is not a number of points from 0 to 100" in run.stderr
 
 
 @pytest.mark.slow
