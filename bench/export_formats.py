@@ -3,6 +3,7 @@ held-out exact match (answered through the runtime that serves it), the size and
 
     python bench/export_formats.py                                  # both methods, catalog defaults
     python bench/export_formats.py --methods lora --set train.num_train_epochs=1
+    python bench/export_formats.py --workspace demo --keep-adapter    # the adapter already there
 
 Renders a workspace (SmolLM2-135M-Instruct on CPU, the sample dataset) unless --workspace names
 one, gets the model (the offline copy when the Hub is unreachable), then for each method runs the
@@ -48,6 +49,9 @@ def main() -> None:
         "--set", action="append", default=[], metavar="train.KEY=VALUE", help="passed to invoke_olive.py --set"
     )
     parser.add_argument("--workspace", type=Path, help="reuse this rendered workspace (default: a temporary one)")
+    parser.add_argument(
+        "--keep-adapter", action="store_true", help="export the workspace's evaluated adapter instead of fine-tuning"
+    )
     args = parser.parse_args()
     overrides = [arg for item in args.set for arg in ("--set", item)]
 
@@ -62,13 +66,17 @@ def main() -> None:
     subprocess.run([sys.executable, "setup/download_model.py"], cwd=ws, env=env, check=True, capture_output=True)
     print(f"workspace {ws}; overrides {overrides}", flush=True)
 
-    for method in args.methods.split(","):
+    for method in ["as trained"] if args.keep_adapter else args.methods.split(","):
         start = time.perf_counter()
-        command = [sys.executable, "finetuning/invoke_olive.py", "--fresh", "--set", f"train.method={method}"]
-        run = subprocess.run([*command, *overrides], cwd=ws, env=env, capture_output=True, text=True)
-        if run.returncode != 0:
-            sys.exit(f"{method}: fine-tuning failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
-        print(f"\n{method}: fine-tuned and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
+        if not args.keep_adapter:
+            command = [sys.executable, "finetuning/invoke_olive.py", "--fresh", "--set", f"train.method={method}"]
+            run = subprocess.run([*command, *overrides], cwd=ws, env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"{method}: fine-tuning failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+            print(f"\n{method}: fine-tuned and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
+        else:
+            trained = json.loads((ws / "models/adapter/run.json").read_text("utf-8"))["settings"]["train"]
+            print(f"\nthe adapter in place: {trained['method']}, {trained['num_train_epochs']} epochs", flush=True)
         print(f"{'export':<12} {'exact match':>11} {'adapter':>8} {'size MiB':>9} {'time s':>7}", flush=True)
         for export_args, name, folder in EXPORTS:
             start = time.perf_counter()
