@@ -163,7 +163,8 @@ def figure(info: dict[str, Any]) -> str:
     checked = info.get("check")
     if not checked or checked.get("adapter_exact_match") is None:
         return ""
-    return f"; held-out exact match {checked['exact_match']:.1%} (the adapter: {checked['adapter_exact_match']:.1%})"
+    figure, adapter = format(checked["exact_match"], ".1%"), format(checked["adapter_exact_match"], ".1%")
+    return f"; held-out exact match {figure} (the adapter: {adapter})"
 
 
 def write_card(settings: dict[str, Any], name: str, out: Path) -> None:

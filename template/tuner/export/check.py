@@ -183,9 +183,10 @@ def check(
     limit = threshold(name) if max_loss is None else max_loss
     figures |= {"adapter_exact_match": tuned, "threshold": limit, "held_out_rows": len(expected)}
     if tuned is not None and figures["exact_match"] < tuned - limit - 1e-9:
+        got, bar = format(figures["exact_match"], ".1%"), format(tuned, ".1%")  # no "%" + "}" in a .py file
         raise ExportError(
-            f"the {name} export answers {figures['exact_match']:.1%} of the {len(expected)} held-out rows exactly, "
-            f"the adapter {tuned:.1%}: it loses more than {100 * limit:g} points, so it was not kept "
+            f"the {name} export answers {got} of the {len(expected)} held-out rows exactly, "
+            f"the adapter {bar}: it loses more than {100 * limit:g} points, so it was not kept "
             "(a higher precision loses less; --max-loss POINTS keeps it anyway)"
         )
     return record(name, root, figures)

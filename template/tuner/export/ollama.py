@@ -120,9 +120,15 @@ def shape(chat_template: str, eos_token: str) -> Shape:
     )
 
 
+def go(action: str) -> str:
+    """A Go template action, `{` `{ action }` `}`. The braces are joined here rather than written
+    out, so that the template's render check can refuse every other double brace in a .py file."""
+    return "{" * 2 + f" {action} " + "}" * 2
+
+
 def branch(condition: str, then: str, otherwise: str = "") -> str:
-    """A Go template `if`; no trim markers ({{- -}}), which would eat the template's newlines."""
-    return f"{{{{ if {condition} }}}}{then}" + (f"{{{{ else }}}}{otherwise}" if otherwise else "") + "{{ end }}"
+    """A Go template `if`; no trim markers (a dash inside the braces), which would eat the newlines."""
+    return go(f"if {condition}") + then + (go("else") + otherwise if otherwise else "") + go("end")
 
 
 def go_template(form: Shape, user: list[str]) -> str:
@@ -130,21 +136,21 @@ def go_template(form: Shape, user: list[str]) -> str:
     messages) and .Messages (every message, system ones too, with .Role and .Content); the
     answer is generated after it. `user` is [prompt] text_template split at the input."""
     last = "(eq (len (slice $.Messages $i)) 1)"  # the message $i is the last one
-    content = "{{ .Content }}".join(user)
+    content = go(".Content").join(user)
     if form.in_last_user is not None:  # Mistral
         start = form.no_system
-        content = branch(f"and $.System {last}", "{{ $.System }}" + form.in_last_user) + content
+        content = branch(f"and $.System {last}", go("$.System") + form.in_last_user) + content
     elif form.system_before or form.system_after:
-        start = branch(".System", form.system_before + "{{ .System }}" + form.system_after, form.no_system)
+        start = branch(".System", form.system_before + go(".System") + form.system_after, form.no_system)
     else:  # the template drops system messages
         start = form.no_system
     after_user = form.user_after
     if form.last_user_after != form.user_after:  # the generation prompt differs from an answer's start
         after_user = branch(last, form.last_user_after, form.user_after)
     user_turn = content + after_user
-    answer = "{{ .Content }}" + branch(f"not {last}", form.assistant_after)
-    turn = '{{ if eq .Role "user" }}' + user_turn + '{{ else if eq .Role "assistant" }}' + answer + "{{ end }}"
-    return start + "{{ range $i, $_ := .Messages }}" + turn + "{{ end }}"
+    answer = go(".Content") + branch(f"not {last}", form.assistant_after)
+    turn = go('if eq .Role "user"') + user_turn + go('else if eq .Role "assistant"') + answer + go("end")
+    return start + go("range $i, $_ := .Messages") + turn + go("end")
 
 
 def stops(chat_template: str, form: Shape, eos_token: str) -> list[str]:
