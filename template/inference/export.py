@@ -122,15 +122,15 @@ def main() -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     out = staging / "export"
+    max_loss = None if args.max_loss is None else args.max_loss / 100  # points -> a share, as check.py keeps it
     started = time.monotonic()
     try:
         if fmt == "onnx":
-            info = export_onnx(settings, args, staging, out, name)
+            info = export_onnx(settings, args, staging, out, name, max_loss)
         elif fmt == "adapter":
             info = export_adapter(settings, out)
         else:
-            loss = None if args.max_loss is None else args.max_loss / 100
-            info = export_model(settings, fmt, staging, out, name, quantize, loss)
+            info = export_model(settings, fmt, staging, out, name, quantize, max_loss)
         info |= {"format": fmt, "model": settings["model"]["id"], "seconds": round(time.monotonic() - started, 1)}
         (out / "export.json").write_text(json.dumps(info, indent=2), "utf-8")
         write_card(settings, name, out)
@@ -218,7 +218,9 @@ def export_adapter(settings: dict[str, Any], out: Path) -> dict:
     return {"check": figures}
 
 
-def export_onnx(settings: dict[str, Any], args: Any, staging: Path, out: Path, name: str) -> dict:
+def export_onnx(
+    settings: dict[str, Any], args: Any, staging: Path, out: Path, name: str, max_loss: float | None
+) -> dict:
     """onnx: the base with the adapter as graph inputs, the adapter file, and the merged model."""
     from tuner.export.onnx import ADAPTER_NAME, build, extract_adapter
 
@@ -250,7 +252,6 @@ def export_onnx(settings: dict[str, Any], args: Any, staging: Path, out: Path, n
         return info
     threads = settings["model"]["threads"]
     answer = partial(onnx_answers, out, tokenizer_folder=base, adapter_file=out / ADAPTER_FILE, threads=threads)
-    max_loss = None if args.max_loss is None else args.max_loss / 100
     return info | {"check": check_export(name, settings, ROOT, base, answer, max_loss)}
 
 
