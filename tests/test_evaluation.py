@@ -199,3 +199,37 @@ def test_answer_loss_in_batches_equals_one_row_at_a_time(tiny_built: Path) -> No
     assert answer_loss(model, tokenizer, chats, 1_000_000, True) != pytest.approx(
         answer_loss(model, tokenizer, chats, 1_000_000, False), rel=1e-3
     )
+
+
+def test_shared_prefix_runs_once_and_changes_nothing(tiny_built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompted base's prompts share their system message and examples: those tokens run once
+    (a cache copied per batch) and each row only its own. The loss and the greedy answers are the
+    ones of running every prompt whole."""
+    from tuner.training import evaluation
+    from tuner.training.evaluation import answer_loss, generate, load_model, prompted, shared_prefix
+
+    settings = load_settings(tiny_built / "settings.toml")
+    train, held_out = split_rows(load_rows(settings, tiny_built), 0.2, 7)
+    labels, examples = few_shot(train, settings)
+    model, tokenizer = load_model(settings, tiny_built / settings["model"]["path"])
+    chats = [prompted(row, settings, labels, examples) for row in held_out[:20]]
+    prompts = [chat[:-1] for chat in chats]
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert shared_prefix(ids, 10**6) > evaluation.MIN_SHARED  # the cached path is the one taken
+    cached = answer_loss(model, tokenizer, chats, 1_000_000, True), generate(model, tokenizer, prompts, 12)
+    monkeypatch.setattr(evaluation, "MIN_SHARED", 10**6)  # no prefix is long enough: every prompt whole
+    whole = answer_loss(model, tokenizer, chats, 1_000_000, True), generate(model, tokenizer, prompts, 12)
+    assert cached[0] == pytest.approx(whole[0], rel=1e-5)
+    assert cached[1] == whole[1] and len(set(whole[1])) > 1
+
+
+def test_shared_prefix_is_the_common_start_and_none_when_short() -> None:
+    from tuner.training.evaluation import MIN_SHARED, shared_prefix
+
+    start = list(range(100, 100 + MIN_SHARED + 5))
+    assert shared_prefix([[*start, 1, 2], [*start, 1, 3], [*start, 4]], 10**6) == MIN_SHARED + 5
+    assert shared_prefix([[*start, 1, 2], [*start, 1, 3]], 10**6) == MIN_SHARED + 6
+    assert shared_prefix([[*start, 1, 2], [*start, 1, 3]], MIN_SHARED + 2) == MIN_SHARED + 2  # the limit
+    assert shared_prefix([[*start, 1], [9, *start]], 10**6) == 0
+    assert shared_prefix([start[: MIN_SHARED - 1] + [1], start[: MIN_SHARED - 1] + [2]], 10**6) == 0

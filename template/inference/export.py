@@ -43,7 +43,7 @@ from typing import Any
 
 from tuner.export import ExportError, export_folder
 from tuner.export.check import check_export, onnx_answers, record, transformers_answers
-from tuner.export.merged import merge, sources
+from tuner.export.merged import merge, sources, trained_base
 from tuner.files import replace_folder
 from tuner.serving.ort import ADAPTER_FILE, export_dir
 from tuner.settings import (
@@ -229,7 +229,8 @@ def export_onnx(
     base, adapter = sources(settings, ROOT)
     raw, cache = staging / "raw", staging / "cache"
     print(f"Building {settings['model']['id']} + adapter, {precision}, for {provider}", flush=True)
-    build(base, raw, precision, provider, cache, adapter)
+    # A QLoRA adapter sits on the base's dequantised 4-bit weights, the ones it was trained on.
+    build(trained_base(settings, ROOT, staging / "hf-base"), raw, precision, provider, cache, adapter)
     count = extract_adapter(raw, out)
     for item in raw.iterdir():  # genai_config.json, tokenizer and chat template files
         if item.name not in ("model.onnx", "model.onnx.data"):
