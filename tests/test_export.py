@@ -186,6 +186,21 @@ def test_adapter_export_is_the_adapter_with_its_records(merged: Path, tmp_path: 
     assert report["exports"]["adapter"]["exact_match"] == report["tuned"]["exact_match"]
     assert report["exports"]["merged"]  # the other export's figure is kept
     assert json.loads((folder / "eval.json").read_text("utf-8"))["exports"]["adapter"]
+    # tiny-random has no Hub repo: the base stays where this workspace has it.
+    config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
+    assert Path(config["base_model_name_or_path"]).parts[-2:] == ("model-cache", "tiny-random")
+    # A model from the Hub: the exported adapter names its repo and revision, as peft loads them.
+    settings_file = ws / "settings.toml"
+    text = settings_file.read_text("utf-8").replace('hf_repo = ""', 'hf_repo = "someone/tiny-base"', 1)
+    settings_file.write_text(text.replace('revision = ""', 'revision = "v1.0"', 1), "utf-8")
+    run = export(ws, "--format", "adapter")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
+    assert (config["base_model_name_or_path"], config["revision"]) == ("someone/tiny-base", "v1.0")
+    from peft import PeftConfig
+
+    loaded = PeftConfig.from_pretrained(folder)
+    assert (loaded.base_model_name_or_path, loaded.revision) == ("someone/tiny-base", "v1.0")
     # A damaged adapter is refused before anything is written.
     (ws / "models" / "adapter" / "adapter_model.safetensors").write_bytes(b"damaged")
     shutil.rmtree(folder)

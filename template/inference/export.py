@@ -215,6 +215,13 @@ def export_adapter(settings: dict[str, Any], out: Path) -> dict:
     load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map="cpu"), adapter)
     figures = record("adapter", ROOT)
     shutil.copytree(adapter, out)
+    # The base named by its Hub repo, not by this workspace's model-cache path: loaded by name
+    # elsewhere (AutoPeftModelForCausalLM, the Hub's widgets), the adapter then finds its base.
+    if settings["model"]["hf_repo"]:
+        config = json.loads((out / "adapter_config.json").read_text("utf-8"))
+        config["base_model_name_or_path"] = settings["model"]["hf_repo"]
+        config["revision"] = settings["model"]["revision"] or None
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2), "utf-8")
     return {"check": figures}
 
 
