@@ -11,9 +11,10 @@ Writes <[export] output_dir>/<format>[-<type>]/ (models/exports/merged, models/e
 models/exports/ollama-q8_0, models/exports/adapter), each with a README.md model card; ONNX goes to
 <[onnx] output_dir>/<precision>/, where the ONNX chat engine loads it.
 
-    merged    the base model in float32 (never 4-bit, even for a QLoRA adapter) with the adapter
-              merged into it: safetensors, tokenizer, chat template, and a generation_config.json
-              with the end-of-turn tokens and [chat]'s sampling defaults
+    merged    float32 weights (never 4-bit) with the adapter merged into the ones it trained on
+              (for QLoRA, the base's 4-bit weights dequantised): safetensors, tokenizer, chat
+              template, and a generation_config.json with the end-of-turn tokens and [chat]'s
+              sampling defaults
     gguf      a GGUF file of the merged model, converted and quantized by llama.cpp's own tools
               (pip install -r setup/requirements-gguf.txt); --quantize default: [export] quantize
     ollama    the GGUF and a Modelfile (chat template, system prompt, stop tokens, sampling):
@@ -179,7 +180,7 @@ def export_model(
 ) -> dict:
     """merged, gguf or ollama: the merged model, then (gguf, ollama) converted by llama.cpp."""
     merged = out if fmt == "merged" else staging / "merged"
-    print("Merging the adapter into the float32 base model", flush=True)
+    print("Merging the adapter into the base model's weights, in float32", flush=True)
     merge(settings, ROOT, merged)
     if fmt == "merged":  # through plain transformers, as its users will load it
         return {"check": check_export(name, settings, ROOT, out, partial(transformers_answers, out), max_loss)}

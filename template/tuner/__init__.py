@@ -15,9 +15,9 @@ Four layers, each importing only the ones above it:
                  (onnxruntime-genai), llamacpp (llama.cpp, on a GGUF export), upstream (an
                  OpenAI-compatible server), vllm, api (the routes and the page)
     export/      the exports of the fine-tuned model for inference/export.py: merged (the adapter
-                 merged into the full-precision base), onnx (the ONNX Runtime GenAI builds), gguf
-                 and ollama (llama.cpp), check (each export answers the held-out rows before it is
-                 kept), card and publish (the model card, the push to the Hub)
+                 merged into the weights it trained on, in float32), onnx (the ONNX Runtime GenAI
+                 builds), gguf and ollama (llama.cpp), check (each export answers the held-out
+                 rows before it is kept), card and publish (the model card, the push to the Hub)
     cloud/       az (the Azure CLI), containerapps, azureml: the standard library only
 
 Nothing here reads a file or touches the environment when imported: every function takes the
