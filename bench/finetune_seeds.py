@@ -64,8 +64,9 @@ def main() -> None:
         # Olive's log, with the pass's time, is in the run's folder (the newest olive.log).
         logs = sorted((ws / "models" / "runs").glob("*/olive.log"), key=lambda p: p.stat().st_mtime)
         olive_log = logs[-1].read_text("utf-8", "replace") if logs else ""
-        found = re.search(r"Pass finetune:\S+ finished in ([\d.]+) seconds", run.stdout + run.stderr + olive_log)
-        train = float(found.group(1)) if found else float("nan")
+        # The last one: a run folder's log is appended to when the same run is trained again (--fresh).
+        found = re.findall(r"Pass finetune:\S+ finished in ([\d.]+) seconds", run.stdout + run.stderr + olive_log)
+        train = float(found[-1]) if found else float("nan")
         report = json.loads((ws / "models" / "adapter" / "eval.json").read_text("utf-8"))
         base, tuned = report["base"], report["tuned"]
         prompted = report.get("prompted", {}).get("exact_match", float("nan"))
