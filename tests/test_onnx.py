@@ -12,6 +12,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, killed_at_swap, run_py
@@ -38,8 +39,9 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def first_token_diffs(ws: Path) -> dict[str, float]:
-    """max |logits| difference of the first answer token: onnxruntime-genai vs transformers + peft."""
+def first_token_diffs(ws: Path, base: Any = None) -> dict[str, float]:
+    """max |logits| difference of the first answer token: onnxruntime-genai vs transformers + peft
+    on `base` (default: the base model's folder in float32)."""
     import numpy as np
     import onnxruntime_genai as og
     import torch
@@ -50,7 +52,8 @@ def first_token_diffs(ws: Path) -> dict[str, float]:
     settings, root = in_workspace(ws)
     model_path = root / settings["model"]["path"]
     tok = AutoTokenizer.from_pretrained(model_path)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if base is None:
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tuned = PeftModel.from_pretrained(base, root / "models" / "adapter").eval()
     onnx_dir = root / "models" / "onnx" / "fp32"
     models = {"adapter": og.Model(str(onnx_dir)), "merged": og.Model(str(onnx_dir / "merged"))}

@@ -156,18 +156,23 @@ def test_api_and_page_answer_what_the_evaluation_scored(server: Server, qlora_tu
     assert "Traceback" not in log, log[-4000:]
 
 
-def test_onnx_export_merges_into_the_full_precision_base(qlora_tuned: Path, tmp_path: Path) -> None:
-    """The export of a QLoRA adapter: merged into the base in its own (full) precision, never the
-    4-bit one; its first-token logits are transformers + peft's on that base."""
+def test_onnx_export_builds_on_the_weights_the_adapter_trained_on(qlora_tuned: Path, tmp_path: Path) -> None:
+    """The ONNX export of a QLoRA adapter: float32, never 4-bit, built on the base's 4-bit weights
+    dequantised (what the adapter learned against); its first-token logits, with the adapter file
+    and merged, are transformers + peft's on that base."""
     from test_onnx import first_token_diffs, one_thread
+    from tuner.export.merged import base_as_trained
+    from tuner.settings import load_settings
 
     ws = tmp_path / "ws"
     shutil.copytree(qlora_tuned, ws, ignore=shutil.ignore_patterns("olive-cache", "checkpoints"))
     run = run_py(ws, "inference/export.py", "--format", "onnx", "--precision", "fp32")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    settings = load_settings(ws / "settings.toml")
+    base = base_as_trained(settings, ws / settings["model"]["path"], ws / "models" / "adapter")
     with one_thread():
-        diffs = first_token_diffs(ws)
-    print(f"QLoRA adapter, fp32 export vs transformers + peft on the full-precision base: {diffs}")
+        diffs = first_token_diffs(ws, base)
+    print(f"QLoRA adapter, fp32 export vs transformers + peft on the dequantised 4-bit base: {diffs}")
     assert diffs["adapter"] < 1e-4 and diffs["merged"] < 1e-4 and diffs["base"] < 1e-4
 
 
