@@ -1,8 +1,8 @@
 """QLoRA, the GPU default, for real on the CPU (bitsandbytes 0.50 runs 4-bit there): Olive's QLoRA
 pass and train_sft.py train it, every front-end serves the adapter on the 4-bit base it was trained
 on (nf4 and fp4, double quantisation on and off) and answers what the held-out evaluation scored,
-the web page and the API included, and the ONNX export merges it into the full-precision base.
-No fake bitsandbytes anywhere."""
+the web page and the API included, and the ONNX export builds on the 4-bit weights it was trained
+on, dequantised to float32. No fake bitsandbytes anywhere."""
 
 from __future__ import annotations
 
