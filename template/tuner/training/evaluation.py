@@ -175,7 +175,9 @@ def answer_loss(
             example["labels"] = [IGNORE_INDEX] * min(asked, len(example["labels"])) + example["labels"][asked:]
         examples.append(example)
     # The shared prefix carries no labels (the example answers of a prompt are not scored).
-    unlabelled = min(next(i for i, x in enumerate(e["labels"]) if x != IGNORE_INDEX) for e in examples)
+    unlabelled = min(
+        next((i for i, x in enumerate(e["labels"]) if x != IGNORE_INDEX), len(e["labels"])) for e in examples
+    )
     shared = shared_prefix([e["input_ids"] for e in examples], unlabelled)
     if shared:
         cache, first = prefix_cache(model, examples[0]["input_ids"][:shared])
